@@ -1,0 +1,131 @@
+"""The ``featkit`` command: each command resolves paths, calls one library function,
+prints a one-line summary, and turns library errors into a clean message and exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featkit.errors import FeatkitError
+
+app = typer.Typer(
+    help="Learn where a photo was taken: extract frozen VGG16 features once, fit heads, compare them per city.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CacheOpt = typer.Option("cache", "--cache", envvar="FEATKIT_CACHE", help="Folder of the feature cache, fitted heads and downloads.")
+ReportsOpt = typer.Option("reports", "--reports", envvar="FEATKIT_REPORTS", help="Folder the comparison report is written to.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, or cuda[:N].")
+SeedOpt = typer.Option(0, "--seed", help="Seed for splits, weights init and training; the same seed gives the same result.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def clean_errors(fn):
+    """User mistakes and interruptions end with one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FeatkitError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted; work done so far is saved, rerun the same command to resume", 130)
+
+    return wrapper
+
+
+@app.command()
+@clean_errors
+def extract(
+    source: Path = typer.Argument(..., help="Folder with one sub-folder per city, or a manifest CSV (photo_id, city, path[, owner])."),
+    cache: Path = CacheOpt,
+    device: str = DeviceOpt,
+    weights: Optional[str] = typer.Option(None, "--weights", help="State_dict file for vgg16().features or vgg16(); default: torchvision's ImageNet weights; 'random' for seeded random weights."),
+    pooling: str = typer.Option("flatten", "--pooling", help="flatten: 512x7x7 = 25,088 values (the study's); avg: 512."),
+    image_size: int = typer.Option(224, "--image-size", help="Square input size (multiple of 32)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 or float32."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes (default: cores - 1)."),
+    seed: int = SeedOpt,
+    test_size: float = typer.Option(0.125, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),
+    val_size: float = typer.Option(0.1, "--val-size", help="Validation photos per city: a count or a fraction."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the cache again instead of appending."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run the photos once through VGG16's frozen conv base into CACHE/features.h5 (resumable)."""
+    from featkit.backbones import load_backbone, resolve_device
+    from featkit.extract import extract_features
+    from featkit.manifest import scan_photos
+    from featkit.pipeline import CACHE_FILE
+
+    resolve_device(device)  # fail on a missing GPU before loading anything
+    photos = scan_photos(source)
+    net, spec = load_backbone(weights, pooling=pooling, image_size=image_size, seed=seed)
+    s = extract_features(
+        photos, net, spec, cache / CACHE_FILE, device=device, batch_size=batch_size, num_workers=workers, dtype=dtype,
+        seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, progress=progress,
+    )
+    typer.echo(s.line())
+    sizes = ", ".join(f"{k} {sum(v.values())}" for k, v in s.split_counts.items())
+    typer.echo(f"splits: {sizes} -> {cache / CACHE_FILE}")
+    if s.interrupted:
+        fail("interrupted; the batches done are saved, rerun the same command to resume", 130)
+
+
+@app.command()
+@clean_errors
+def fit(
+    head: str = typer.Option("all", "--head", help="mlp, logreg, svm, or all."),
+    cache: Path = CacheOpt,
+    device: str = DeviceOpt,
+    seed: int = SeedOpt,
+    epochs: int = typer.Option(100, "--epochs", help="MLP: most epochs (early stopping usually ends sooner)."),
+    patience: int = typer.Option(7, "--patience", help="MLP: epochs without val-loss improvement before stopping (the study's 7)."),
+    hidden: int = typer.Option(1024, "--hidden", help="MLP: hidden units."),
+    dropout: float = typer.Option(0.5, "--dropout", help="MLP: dropout rate."),
+    lr: float = typer.Option(1e-3, "--lr", help="MLP: Adam learning rate."),
+    batch_size: int = typer.Option(128, "--batch-size", help="MLP: mini-batch size."),
+) -> None:
+    """Train heads on the cached features (train split; val split for early stopping and C)."""
+    from featkit.pipeline import fit_heads, resolve_heads
+
+    resolve_heads(head)
+    if device != "auto":
+        from featkit.backbones import resolve_device
+
+        resolve_device(device)
+    mlp = {"max_iter": epochs, "n_iter_no_change": patience, "hidden_layer_sizes": (hidden,), "dropout": dropout, "learning_rate_init": lr, "batch_size": batch_size}
+    records = fit_heads(cache, head, seed=seed, device=device, mlp_params=mlp, log=typer.echo)
+    typer.echo(f"{len(records)} head(s) fitted -> {cache / 'heads'}")
+
+
+@app.command()
+@clean_errors
+def compare(cache: Path = CacheOpt, reports: Path = ReportsOpt) -> None:
+    """Evaluate every fitted head on the same test split; write compare.md, compare.json and confusion PNGs."""
+    from featkit.pipeline import compare_heads
+
+    results, paths = compare_heads(cache, reports)
+    best = max(results["heads"].items(), key=lambda kv: kv[1]["accuracy"])
+    summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
+    typer.echo(f"test accuracy: {summary} (best: {best[0]}) -> {paths['md']}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

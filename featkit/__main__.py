@@ -1,0 +1,5 @@
+"""``python -m featkit`` (and ``torchrun -m featkit``) runs the ``featkit`` command."""
+
+from cli import app
+
+app()

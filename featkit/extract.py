@@ -1,0 +1,265 @@
+"""One pass of the photos through the frozen backbone, into the HDF5 feature cache.
+
+Images are decoded and resized in DataLoader worker processes and travel as
+uint8 tensors; batches go through the backbone under ``torch.inference_mode()``
+(half-precision autocast, pinned memory and channels-last on CUDA). Every
+batch is committed to the cache before the next, so a killed run resumes
+where it stopped. A photo that cannot be read is recorded with its reason and
+skipped; it never aborts the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from featkit import __version__
+from featkit.backbones import BackboneSpec, FeatureNet, resolve_device
+from featkit.errors import FeatkitError
+from featkit.manifest import Photo, assign_splits, split_counts
+from featkit.store import DTYPES, FeatureStore
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure to record, not grey pixels
+Image.MAX_IMAGE_PIXELS = 200_000_000  # guard against decompression bombs without refusing big photos
+
+# Modes Pillow converts to RGB faithfully; anything else is an "unsupported mode" failure.
+_CONVERTIBLE = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class UnreadableImage(Exception):
+    """A photo that cannot become an RGB tensor; the message is the recorded reason."""
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Decode, orient (EXIF), convert to RGB and resize to ``size`` x ``size``: uint8 (3, size, size).
+
+    Grayscale, palette, CMYK and 16-bit images are converted; transparent
+    ones are composited onto white. Raises :class:`UnreadableImage`.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImage("empty file (0 bytes)")
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if mode in _ALPHA:
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, rgba).convert("RGB")
+            elif mode.startswith("I;16") or mode in ("I", "F"):
+                a = np.asarray(im, dtype=np.float32)
+                hi = float(a.max()) or 1.0
+                im = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+            elif mode in _CONVERTIBLE:
+                im = im.convert("RGB")
+            else:
+                raise UnreadableImage(f"unsupported image mode {mode}")
+            im = im.resize((size, size), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    except UnreadableImage:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImage("file not found") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image Pillow can identify") from None
+    except Image.DecompressionBombError as e:
+        raise UnreadableImage(f"too large ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated data, bad headers, broken files
+        raise UnreadableImage(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+class _PhotoDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, load_image(self.paths[i], self.size), ""
+        except UnreadableImage as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    ok = [(i, t) for i, t, _ in items if t is not None]
+    bad = [(i, reason) for i, t, reason in items if t is None]
+    images = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], images, bad
+
+
+@dataclass
+class ExtractSummary:
+    n_extracted: int = 0
+    n_skipped: int = 0
+    n_already: int = 0
+    n_total_rows: int = 0
+    n_total_failed: int = 0
+    seconds: float = 0.0
+    split_counts: dict = field(default_factory=dict)
+    interrupted: bool = False
+    cache_path: str = ""
+    failed_csv: str = ""
+
+    def line(self) -> str:
+        rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
+        s = f"{self.n_extracted} extracted, {self.n_skipped} skipped"
+        if self.n_skipped or self.n_total_failed:
+            s += f" (see {self.failed_csv})"
+        s += f"; {self.n_already} already cached; cache holds {self.n_total_rows} photos ({rate:.1f} images/s)"
+        return s
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def cache_identity(spec: BackboneSpec, dtype: str) -> dict:
+    return {**spec.identity(), "dtype": dtype}
+
+
+def extract_features(
+    photos: list[Photo],
+    net: FeatureNet,
+    spec: BackboneSpec,
+    cache_path: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    dtype: str = "float16",
+    seed: int = 0,
+    test_size: float = 0.125,
+    val_size: float = 0.1,
+    overwrite: bool = False,
+    progress: bool = True,
+    provenance: dict | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ExtractSummary:
+    """Fill the cache at ``cache_path`` with the features of ``photos`` not yet in it.
+
+    Splits are assigned here for every photo (photos already cached keep
+    theirs) and stored beside the features. ``on_batch(n_done)`` is called
+    after each committed batch (progress hooks, tests).
+    """
+    if dtype not in DTYPES:
+        raise FeatkitError(f"unknown feature dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if batch_size < 1:
+        raise FeatkitError("--batch-size must be at least 1")
+    dev = resolve_device(device)
+    num_workers = default_workers() if num_workers is None else num_workers
+    prov = {
+        "argv": sys.argv,
+        "featkit": __version__,
+        "torch": torch.__version__,
+        "device": str(dev),
+        "seed": seed,
+        "test_size": test_size,
+        "val_size": val_size,
+        "backbone": spec.describe(),
+        **(provenance or {}),
+    }
+    summary = ExtractSummary(cache_path=str(cache_path))
+    failed_csv = Path(cache_path).with_name("failed.csv")
+    summary.failed_csv = str(failed_csv)
+    t0 = time.perf_counter()
+    with FeatureStore.open_for_append(cache_path, cache_identity(spec, dtype), overwrite=overwrite, provenance=prov) as store:
+        existing = dict(zip(store.column("photo_id"), store.column("split")))
+        done = store.done_ids()
+        splits = assign_splits(photos, seed=seed, test_size=test_size, val_size=val_size, fixed=existing)
+        todo = [p for p in photos if p.photo_id not in done]
+        summary.n_already = len(photos) - len(todo)
+        try:
+            _run(todo, splits, net, spec.image_size, dev, store, batch_size, num_workers, progress, summary, on_batch)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        summary.seconds = time.perf_counter() - t0
+        summary.n_total_rows = store.n_rows
+        summary.n_total_failed = store.n_failed
+        summary.split_counts = split_counts(list(store.column("city")), list(store.column("split")))
+        _write_failed_csv(store.failed(), failed_csv)
+    return summary
+
+
+def _run(todo, splits, net, image_size, dev, store, batch_size, num_workers, progress, summary, on_batch) -> None:
+    if not todo:
+        return
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+        net = net.to(dev, memory_format=torch.channels_last)
+    else:
+        net = net.to(dev)
+    loader = torch.utils.data.DataLoader(
+        _PhotoDataset([str(p.path) for p in todo], image_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=on_cuda,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+    bar = _progress_bar(len(todo), progress)
+    try:
+        with torch.inference_mode():
+            for idx, images, bad in loader:
+                feats = np.empty((0, 0), dtype=np.float32)  # a batch of only unreadable photos
+                if images is not None:
+                    images = images.to(dev, non_blocking=on_cuda)
+                    if on_cuda:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                        with torch.autocast("cuda", dtype=torch.float16):
+                            out = net(images)
+                    else:
+                        out = net(images)
+                    feats = out.float().cpu().numpy()
+                batch = [todo[i] for i in idx]
+                rows = {
+                    "photo_id": [p.photo_id for p in batch],
+                    "city": [p.city for p in batch],
+                    "split": [splits[p.photo_id] for p in batch],
+                    "path": [str(p.path) for p in batch],
+                    "owner": [p.owner for p in batch],
+                }
+                failed = [(todo[i].photo_id, str(todo[i].path), reason) for i, reason in bad]
+                store.append(rows, feats, failed)
+                summary.n_extracted += len(batch)
+                summary.n_skipped += len(failed)
+                bar.update(len(batch) + len(failed))
+                if on_batch is not None:
+                    on_batch(summary.n_extracted + summary.n_skipped)
+    finally:
+        bar.close()
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="extract", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def _write_failed_csv(failed: list[dict], path: Path) -> None:
+    import csv
+
+    if not failed:
+        if path.exists():
+            path.unlink()
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["photo_id", "path", "reason"])
+        w.writeheader()
+        w.writerows(failed)
+    tmp.replace(path)

@@ -1,0 +1,129 @@
+"""The comparison report: compare.md (tables), compare.json (the same numbers), confusion-matrix PNGs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+# The seed study's per-city test accuracy (VGG16 conv base + 1024-unit dense head, 500 test photos per city).
+STUDY_ACCURACY = {
+    "New York": 0.857,
+    "Venice": 0.823,
+    "Los Angeles": 0.727,
+    "Tokyo": 0.658,
+    "Amsterdam": 0.612,
+    "Barcelona": 0.604,
+    "Bangkok": 0.564,
+    "Mumbai": 0.489,
+    "Paris": 0.416,
+    "London": 0.345,
+}
+STUDY_OVERALL = 0.610
+
+
+def _fmt(x) -> str:
+    return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def render_markdown(results: dict) -> str:
+    cities, heads = results["cities"], results["heads"]
+    names = list(heads)
+    study = set(STUDY_ACCURACY) <= set(cities)
+    header = ["city", "n test"] + names + (["study"] if study else [])
+    lines = [
+        "# featkit: per-city comparison of heads",
+        "",
+        f"Test split: {sum(results['n_test'].values())} photos; every head is evaluated on the same photos. "
+        f"Cache: `{results.get('cache_path', '')}` ({results.get('backbone', '')}).",
+        "",
+        "## Accuracy per city",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for c in cities:
+        row = [c, str(results["n_test"][c])] + [_fmt(heads[h]["per_city"][c]) for h in names]
+        if study:
+            row.append(_fmt(STUDY_ACCURACY.get(c)))
+        lines.append("| " + " | ".join(row) + " |")
+    for label, key, study_value in (("**overall**", "accuracy", STUDY_OVERALL), ("**macro**", "macro_accuracy", None), ("**top-3**", "top3", None)):
+        row = [label, ""] + [_fmt(heads[h][key]) for h in names]
+        if study:
+            row.append(_fmt(study_value))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "## Predicted share beside true share",
+        "",
+        "A city predicted far more often than it occurs is a sink for ambiguous scenes "
+        "(the study's plain roads went to Los Angeles).",
+        "",
+        "| city | true share | " + " | ".join(f"{h} predicted" for h in names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for c in cities:
+        first = heads[names[0]]["true_share"][c] if names else 0.0
+        lines.append(f"| {c} | {_fmt(first)} | " + " | ".join(_fmt(heads[h]["predicted_share"][c]) for h in names) + " |")
+    lines += ["", "## Heads", "", "| head | val accuracy | fit seconds | parameters |", "|---|---:|---:|---|"]
+    for h in names:
+        info = heads[h]
+        params = ", ".join(f"{k}={v}" for k, v in sorted(info.get("chosen", {}).items()))
+        lines.append(f"| {h} | {_fmt(info.get('val_score'))} | {info.get('fit_seconds', 0):.1f} | {params} |")
+    lines += ["", "## Confusion matrices", "", "Rows: true city; columns: predicted city; shading: row-normalised.", ""]
+    for h in names:
+        lines.append(f"![{h}](confusion_{h}.png)")
+    counts = results.get("split_counts")
+    if counts:
+        lines += ["", "## Split sizes", "", "| city | train | val | test |", "|---|---:|---:|---:|"]
+        for c in cities:
+            lines.append(f"| {c} | {counts['train'].get(c, 0)} | {counts['val'].get(c, 0)} | {counts['test'].get(c, 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(confusion, cities: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(cities)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n), dpi=110)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), cities, rotation=45, ha="right")
+    ax.set_yticks(range(n), cities)
+    ax.set_xlabel("predicted city")
+    ax.set_ylabel("true city")
+    ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(results: dict, reports_dir: str | Path) -> dict[str, Path]:
+    """Write compare.md, compare.json and one confusion_<head>.png per head; return their paths."""
+    out = Path(reports_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "compare.md", "json": out / "compare.json"}
+    for h, info in results["heads"].items():
+        p = out / f"confusion_{h}.png"
+        plot_confusion(info["confusion"], results["cities"], f"{h}: accuracy {info['accuracy']:.3f}", p)
+        paths[f"png_{h}"] = p
+    _atomic_write(paths["json"], json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    _atomic_write(paths["md"], render_markdown(results))
+    return paths

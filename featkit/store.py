@@ -1,0 +1,254 @@
+"""The HDF5 feature cache: append-only, resumable, and never read as another backbone's.
+
+Layout of ``features.h5``::
+
+    /features   (n, d) float16 (or float32), chunked, resizable
+    /photo_id   (n,)   utf-8 strings       /city  /split  /path  /owner  likewise
+    /failed/photo_id, /failed/path, /failed/reason   photos that could not be read
+    attrs: identity (JSON: backbone spec + dtype), n_rows, n_failed (the committed
+           counts), cache_id (a uuid, new on every --overwrite), featkit_version,
+           created, provenance (JSON: argv, seed, versions, ...)
+
+Rows beyond ``n_rows`` are leftovers of a batch that was being written when
+the process died; opening for append truncates them, so each photo is stored
+exactly once (the committed-row-count design from lhotse's feature writers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from featkit import __version__
+from featkit.errors import FeatkitError
+
+ROW_FIELDS = ("photo_id", "city", "split", "path", "owner")
+FAILED_FIELDS = ("photo_id", "path", "reason")
+DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+
+
+def _describe(identity: dict) -> str:
+    keys = ("arch", "weights_sha256", "image_size", "pooling", "feature_dim", "dtype")
+    parts = []
+    for k in keys:
+        v = identity.get(k)
+        parts.append(f"{k}={v[:12] if k == 'weights_sha256' and isinstance(v, str) else v}")
+    return " ".join(parts)
+
+
+def check_identity(found: dict, expected: dict, what: str, fix: str) -> None:
+    """Refuse, naming both identities and the fix, when two identities differ."""
+    if found != expected:
+        diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise FeatkitError(
+            f"{what} was built with [{_describe(found)}] but this run uses [{_describe(expected)}] "
+            f"(differs in: {', '.join(diff)}); {fix}"
+        )
+
+
+class FeatureStore:
+    """A handle on ``features.h5``. Use :meth:`open_for_append` to write, :meth:`open` to read."""
+
+    def __init__(self, path: Path, f: h5py.File):
+        self.path = Path(path)
+        self.f = f
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureStore":
+        """Open an existing cache read-only."""
+        path = Path(path)
+        if not path.exists():
+            raise FeatkitError(f"no feature cache at {path}; run `featkit extract PHOTOS_DIR` first (or point --cache at it)")
+        return cls(path, _h5open(path, "r"))
+
+    @classmethod
+    def open_for_append(
+        cls,
+        path: str | Path,
+        identity: dict,
+        *,
+        overwrite: bool = False,
+        provenance: dict | None = None,
+    ) -> "FeatureStore":
+        """Create the cache, or reopen it to append after checking it was built the same way.
+
+        Leftover rows of an interrupted batch are truncated here.
+        """
+        path = Path(path)
+        if overwrite and path.exists():
+            path.unlink()
+        if path.exists():
+            store = cls(path, _h5open(path, "a"))
+            check_identity(
+                store.identity,
+                identity,
+                f"feature cache {path}",
+                "use another --cache folder for this backbone, or rerun with --overwrite to rebuild this one",
+            )
+            store._truncate_uncommitted()
+            return store
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".creating")
+        f = _h5open(tmp, "w")
+        dim, dtype = int(identity["feature_dim"]), identity["dtype"]
+        # About 1 MB per chunk: big enough for fast sequential reads, small enough to shuffle by chunk.
+        chunk_rows = max(1, min(1024, (1 << 20) // (dim * np.dtype(dtype).itemsize)))
+        f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype, chunks=(chunk_rows, dim))
+        for name in ROW_FIELDS:
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
+        g = f.create_group("failed")
+        for name in FAILED_FIELDS:
+            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        f.attrs["identity"] = json.dumps(identity, sort_keys=True)
+        f.attrs["cache_id"] = uuid.uuid4().hex
+        f.attrs["featkit_version"] = __version__
+        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        f.attrs["provenance"] = json.dumps(provenance or {}, sort_keys=True, default=str)
+        f.attrs["n_rows"] = 0
+        f.attrs["n_failed"] = 0
+        f.close()
+        tmp.replace(path)  # a half-created file never sits under the real name
+        return cls(path, _h5open(path, "a"))
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what it holds -----------------------------------------------------------------------
+    @property
+    def identity(self) -> dict:
+        return json.loads(self.f.attrs["identity"])
+
+    @property
+    def cache_id(self) -> str:
+        return str(self.f.attrs["cache_id"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.f.attrs["n_rows"])
+
+    @property
+    def n_failed(self) -> int:
+        return int(self.f.attrs["n_failed"])
+
+    @property
+    def provenance(self) -> dict:
+        return json.loads(self.f.attrs.get("provenance", "{}"))
+
+    def column(self, name: str) -> np.ndarray:
+        """A committed string column (photo_id, city, split, path, owner) as a numpy array of str."""
+        return self.f[name].asstr()[: self.n_rows].astype(object).astype(str) if self.n_rows else np.array([], dtype=str)
+
+    def failed(self) -> list[dict]:
+        n = self.n_failed
+        cols = {k: self.f["failed"][k].asstr()[:n] for k in FAILED_FIELDS} if n else {k: [] for k in FAILED_FIELDS}
+        return [dict(zip(FAILED_FIELDS, vals)) for vals in zip(*(cols[k] for k in FAILED_FIELDS))]
+
+    def done_ids(self) -> set[str]:
+        """Photo ids already handled: stored rows and recorded failures."""
+        return set(self.column("photo_id")) | {r["photo_id"] for r in self.failed()}
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """Row indices of one split, ascending."""
+        return np.flatnonzero(self.column("split") == split)
+
+    def read_features(self, rows: np.ndarray, *, dtype=np.float32, block_rows: int = 4096) -> np.ndarray:
+        """Rows of the feature matrix as one ``dtype`` array, converted block by block.
+
+        Never materialises a float64 (or a whole-file) copy: each block is read
+        in the stored dtype and cast into the preallocated output.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        ds = self.f["features"]
+        out = np.empty((len(rows), ds.shape[1]), dtype=dtype)
+        if len(rows) == 0:
+            return out
+        for start in range(0, len(rows), block_rows):
+            sel = rows[start : start + block_rows]
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            if hi - lo == len(sel):  # contiguous: one slice read
+                out[start : start + len(sel)] = ds[lo:hi]
+            else:  # read the covering range and pick; cheaper than h5py fancy indexing
+                block = ds[lo:hi]
+                out[start : start + len(sel)] = block[sel - lo]
+        return out
+
+    def load_split(self, split: str, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(X, y, photo_ids)`` of one split; ``y`` holds city names."""
+        rows = self.split_rows(split)
+        return self.read_features(rows, dtype=dtype), self.column("city")[rows], self.column("photo_id")[rows]
+
+    def iter_blocks(self, rows: np.ndarray, block_rows: int, *, dtype=np.float32, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream ``(X_block, row_indices)`` over ``rows`` in blocks, in a shuffled block order when ``rng`` is given."""
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        starts = np.arange(0, len(rows), block_rows)
+        if rng is not None:
+            starts = rng.permutation(starts)
+        for s in starts:
+            sel = rows[s : s + block_rows]
+            yield self.read_features(sel, dtype=dtype, block_rows=block_rows), sel
+
+    # -- writing ---------------------------------------------------------------------------
+    def _truncate_uncommitted(self) -> None:
+        n, nf = self.n_rows, self.n_failed
+        for name in ("features",) + ROW_FIELDS:
+            if self.f[name].shape[0] != n:
+                self.f[name].resize(n, axis=0)
+        for name in FAILED_FIELDS:
+            if self.f["failed"][name].shape[0] != nf:
+                self.f["failed"][name].resize(nf, axis=0)
+        self.f.flush()
+
+    def append(self, rows: dict[str, list[str]], features: np.ndarray, failed: list[tuple[str, str, str]] = ()) -> None:
+        """Write one batch of rows (and failures), then commit it by bumping the counts.
+
+        A crash before the final attribute write leaves the counts at their
+        old values, and the next :meth:`open_for_append` truncates the rows.
+        """
+        n, k = self.n_rows, len(features)
+        if k:
+            self.f["features"].resize(n + k, axis=0)
+            self.f["features"][n : n + k] = features.astype(self.f["features"].dtype, copy=False)
+            for name in ROW_FIELDS:
+                self.f[name].resize(n + k, axis=0)
+                self.f[name][n : n + k] = rows[name]
+        nf = self.n_failed
+        if failed:
+            for i, name in enumerate(FAILED_FIELDS):
+                ds = self.f["failed"][name]
+                ds.resize(nf + len(failed), axis=0)
+                ds[nf:] = [r[i] for r in failed]
+        self.f.flush()
+        self._before_commit()
+        self.f.attrs["n_rows"] = n + k
+        self.f.attrs["n_failed"] = nf + len(failed)
+        self.f.flush()
+
+    def _before_commit(self) -> None:
+        """A seam for tests: raising here simulates a crash between the data write and the commit."""
+
+
+def _h5open(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode, libver="latest")
+    except BlockingIOError:
+        raise FeatkitError(f"feature cache {path} is locked by another process (another extract running?); wait for it or use another --cache") from None
+    except OSError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "lock" in msg.lower():
+            raise FeatkitError(f"feature cache {path} is locked by another process (another extract running?); wait for it or use another --cache") from None
+        raise FeatkitError(f"feature cache {path} cannot be opened as HDF5 ({msg}); it may be damaged: rerun extract with --overwrite") from None
