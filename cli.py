@@ -48,6 +48,37 @@ def clean_errors(fn):
 
 @app.command()
 @clean_errors
+def download(
+    per_city: int = typer.Option(4000, "--per-city", help="Photos to keep per city (past Flickr's ~4,000-per-query cap via taken-date windows)."),
+    cities: Optional[str] = typer.Option(None, "--cities", help="Comma list of default cities (e.g. London,Paris) or a .toml file of your own; default: the study's ten."),
+    out: Path = CacheOpt,
+    query: str = typer.Option("{city} streets", "--query", help="Search text template; {city} is replaced by each city's query."),
+    license: str = typer.Option("any", "--license", help="any, cc, cc-commercial, public-domain, or Flickr licence ids (e.g. 4,5,9)."),
+    has_geo: bool = typer.Option(False, "--has-geo", help="Only geotagged photos."),
+    min_size: int = typer.Option(0, "--min-size", help="Reject images whose shorter side is below this many pixels."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", envvar="FEATKIT_FLICKR_ENDPOINT", help="Flickr REST URL (a proxy, mirror or local fake)."),
+    workers: int = typer.Option(4, "--workers", help="Concurrent image downloads."),
+    min_interval: float = typer.Option(1.0, "--min-interval", help="Seconds between Flickr API calls (Flickr allows 3,600 an hour)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Download city photos from Flickr into CACHE/images/<city>/ and CACHE/manifest.csv (resumable)."""
+    from featkit.cities import load_cities
+    from featkit.collect import download_photos, resolve_credentials
+
+    city_list = load_cities(cities)
+    key, secret = resolve_credentials()
+    s = download_photos(
+        city_list, out, per_city, api_key=key, api_secret=secret, endpoint=endpoint, query_template=query,
+        license=license, has_geo=has_geo, min_size=min_size, min_interval_s=min_interval, workers=workers,
+        progress=progress, log=lambda m: typer.echo(m, err=True),
+    )
+    for line in s.lines():
+        typer.echo(line)
+    typer.echo(str(s))
+
+
+@app.command()
+@clean_errors
 def extract(
     source: Path = typer.Argument(..., help="Folder with one sub-folder per city, or a manifest CSV (photo_id, city, path[, owner])."),
     cache: Path = CacheOpt,

@@ -244,7 +244,7 @@ class FeatureStore:
 
 def _h5open(path: Path, mode: str) -> h5py.File:
     try:
-        return h5py.File(path, mode, libver="latest")
+        return h5py.File(path, mode)
     except BlockingIOError:
         raise FeatkitError(f"feature cache {path} is locked by another process (another extract running?); wait for it or use another --cache") from None
     except OSError as e:
