@@ -128,6 +128,7 @@ def fit(
     dropout: float = typer.Option(0.5, "--dropout", help="MLP: dropout rate."),
     lr: float = typer.Option(1e-3, "--lr", help="MLP: Adam learning rate."),
     batch_size: int = typer.Option(128, "--batch-size", help="MLP: mini-batch size."),
+    stream: str = typer.Option("auto", "--stream", help="yes: train the MLP and SVM from shuffled blocks of the cache (larger than memory); no: load it; auto: stream when it would take over half the free memory."),
 ) -> None:
     """Train heads on the cached features (train split; val split for early stopping and C)."""
     from featkit.pipeline import fit_heads, resolve_heads
@@ -138,7 +139,7 @@ def fit(
 
         resolve_device(device)
     mlp = {"max_iter": epochs, "n_iter_no_change": patience, "hidden_layer_sizes": (hidden,), "dropout": dropout, "learning_rate_init": lr, "batch_size": batch_size}
-    records = fit_heads(cache, head, seed=seed, device=device, mlp_params=mlp, log=typer.echo)
+    records = fit_heads(cache, head, seed=seed, device=device, mlp_params=mlp, stream=stream, log=typer.echo)
     typer.echo(f"{len(records)} head(s) fitted -> {cache / 'heads'}")
 
 
