@@ -155,6 +155,35 @@ def compare(cache: Path = CacheOpt, reports: Path = ReportsOpt) -> None:
     typer.echo(f"test accuracy: {summary} (best: {best[0]}) -> {paths['md']}")
 
 
+@app.command()
+@clean_errors
+def demo(
+    cache: Path = CacheOpt,
+    reports: Path = ReportsOpt,
+    weights: Optional[str] = typer.Option("random", "--weights", help="'random' (offline default), a state_dict file for vgg16().features / vgg16(), or 'torchvision' for torchvision's ImageNet weights."),
+    cities: str = typer.Option("Paris,Tokyo,London,New York", "--cities", help="Which of the default cities to generate photos of."),
+    per_city: int = typer.Option(40, "--per-city", help="Generated photos per city."),
+    image_size: int = typer.Option(224, "--image-size"),
+    device: str = DeviceOpt,
+    seed: int = SeedOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """The whole job offline in minutes: generated photos served by a local Flickr-compatible endpoint,
+    downloaded with the real client, extracted, three heads fitted and compared (outputs under CACHE/demo, REPORTS/demo)."""
+    from featkit.backbones import resolve_device
+    from featkit.demo import run_demo
+
+    resolve_device(device)
+    results, paths = run_demo(
+        cache / "demo", reports / "demo", cities=cities, per_city=per_city, weights=None if weights == "torchvision" else weights,
+        image_size=image_size, device=device, seed=seed, progress=progress, log=lambda m: typer.echo(m, err=True),
+    )
+    summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
+    chance = 1 / len(results["cities"])
+    typer.echo(f"demo done: test accuracy {summary} (chance {chance:.3f}) on GENERATED photos of {', '.join(results['cities'])}, not real ones")
+    typer.echo(f"report: {paths['md']} (and compare.json, confusion_*.png beside it); features and heads: {cache / 'demo'}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
