@@ -6,6 +6,10 @@ uint8 tensors; batches go through the backbone under ``torch.inference_mode()``
 batch is committed to the cache before the next, so a killed run resumes
 where it stopped. A photo that cannot be read is recorded with its reason and
 skipped; it never aborts the run.
+
+Started by torchrun (``torchrun --nproc-per-node N --no-python featkit extract
+...``), the same call shards the photos across the processes and joins their
+parts into one cache; see :mod:`featkit.distributed` (multi-node command included).
 """
 
 from __future__ import annotations
@@ -112,8 +116,16 @@ class ExtractSummary:
     interrupted: bool = False
     cache_path: str = ""
     failed_csv: str = ""
+    rank: int = 0  # under torchrun: this process's rank, the number of processes,
+    world_size: int = 1
+    reporter: bool = True  # and whether this is the one process (rank 0) that should print the summary
 
     def line(self) -> str:
+        if not self.reporter:
+            return (
+                f"rank {self.rank} of {self.world_size}: {self.n_extracted} extracted, {self.n_skipped} skipped "
+                f"into its shard; rank 0 joined them into {self.cache_path}"
+            )
         rate = self.n_extracted / self.seconds if self.seconds > 0 else 0.0
         s = f"{self.n_extracted} extracted, {self.n_skipped} skipped"
         if self.n_skipped or self.n_total_failed:
@@ -153,24 +165,28 @@ def extract_features(
     Splits are assigned here for every photo (photos already cached keep
     theirs) and stored beside the features. ``on_batch(n_done)`` is called
     after each committed batch (progress hooks, tests).
+
+    Under torchrun with more than one process (``WORLD_SIZE`` > 1) every
+    process calls this with the same arguments; it then extracts its share of
+    the photos and rank 0 joins them (:func:`featkit.distributed.extract_distributed`).
     """
     if dtype not in DTYPES:
         raise FeatkitError(f"unknown feature dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if batch_size < 1:
         raise FeatkitError("--batch-size must be at least 1")
+    from featkit.distributed import extract_distributed, torchrun_env
+
+    ranks = torchrun_env()
+    if ranks is not None:
+        rank, local_rank, world_size = ranks
+        return extract_distributed(
+            photos, net, spec, cache_path, rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+            batch_size=batch_size, num_workers=num_workers, dtype=dtype, seed=seed, test_size=test_size,
+            val_size=val_size, overwrite=overwrite, progress=progress, provenance=provenance, on_batch=on_batch,
+        )
     dev = resolve_device(device)
     num_workers = default_workers() if num_workers is None else num_workers
-    prov = {
-        "argv": sys.argv,
-        "featkit": __version__,
-        "torch": torch.__version__,
-        "device": str(dev),
-        "seed": seed,
-        "test_size": test_size,
-        "val_size": val_size,
-        "backbone": spec.describe(),
-        **(provenance or {}),
-    }
+    prov = _provenance(dev, spec, seed, test_size, val_size, provenance)
     summary = ExtractSummary(cache_path=str(cache_path))
     failed_csv = Path(cache_path).with_name("failed.csv")
     summary.failed_csv = str(failed_csv)
@@ -191,6 +207,20 @@ def extract_features(
         summary.split_counts = split_counts(list(store.column("city")), list(store.column("split")))
         _write_failed_csv(store.failed(), failed_csv)
     return summary
+
+
+def _provenance(dev, spec: BackboneSpec, seed: int, test_size: float, val_size: float, extra: dict | None) -> dict:
+    return {
+        "argv": sys.argv,
+        "featkit": __version__,
+        "torch": torch.__version__,
+        "device": str(dev),
+        "seed": seed,
+        "test_size": test_size,
+        "val_size": val_size,
+        "backbone": spec.describe(),
+        **(extra or {}),
+    }
 
 
 def _run(todo, splits, net, image_size, dev, store, batch_size, num_workers, progress, summary, on_batch) -> None:
