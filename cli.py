@@ -108,9 +108,10 @@ def extract(
         photos, net, spec, cache / CACHE_FILE, device=device, batch_size=batch_size, num_workers=workers, dtype=dtype,
         seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, progress=progress,
     )
-    typer.echo(s.line())
-    sizes = ", ".join(f"{k} {sum(v.values())}" for k, v in s.split_counts.items())
-    typer.echo(f"splits: {sizes} -> {cache / CACHE_FILE}")
+    if s.reporter:  # under torchrun only rank 0 prints
+        typer.echo(s.line())
+        sizes = ", ".join(f"{k} {sum(v.values())}" for k, v in s.split_counts.items())
+        typer.echo(f"splits: {sizes} -> {cache / CACHE_FILE}")
     if s.interrupted:
         fail("interrupted; the batches done are saved, rerun the same command to resume", 130)
 
