@@ -20,7 +20,6 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -191,16 +190,6 @@ class FeatureStore:
         """``(X, y, photo_ids)`` of one split; ``y`` holds city names."""
         rows = self.split_rows(split)
         return self.read_features(rows, dtype=dtype), self.column("city")[rows], self.column("photo_id")[rows]
-
-    def iter_blocks(self, rows: np.ndarray, block_rows: int, *, dtype=np.float32, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream ``(X_block, row_indices)`` over ``rows`` in blocks, in a shuffled block order when ``rng`` is given."""
-        rows = np.sort(np.asarray(rows, dtype=np.int64))
-        starts = np.arange(0, len(rows), block_rows)
-        if rng is not None:
-            starts = rng.permutation(starts)
-        for s in starts:
-            sel = rows[s : s + block_rows]
-            yield self.read_features(sel, dtype=dtype, block_rows=block_rows), sel
 
     # -- writing ---------------------------------------------------------------------------
     def _truncate_uncommitted(self) -> None:
