@@ -165,6 +165,25 @@ def _seed(random_state) -> int:
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 
+class _BlockTrained(ClassifierMixin, BaseEstimator):
+    """A head that trains from a block source: in memory (:meth:`fit`) or streamed (:meth:`fit_blocks`)."""
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        if X_val is not None:
+            X_val = validate_data(self, X_val, dtype=np.float32, reset=False)
+        seed = _seed(self.random_state)
+        early = getattr(self, "early_stopping", True)
+        Xt, yt, Xv, yv = _validation(X, y, X_val, y_val, self.validation_fraction, seed, early)
+        return self._fit_source(self._memory_blocks(Xt, yt), Xv, yv, seed)
+
+    def fit_blocks(self, source, X_val=None, y_val=None):
+        """Train from ``source.blocks(rng)`` (shuffled blocks, never the whole matrix at once)."""
+        self.n_features_in_ = source.n_features
+        return self._fit_source(source, X_val, None if y_val is None else np.asarray(y_val), _seed(self.random_state))
+
+
 # -- the MLP head ------------------------------------------------------------------------------
 class _MLP(torch.nn.Module):
     def __init__(self, n_in, hidden, n_out, dropout, mean, std):
@@ -182,7 +201,7 @@ class _MLP(torch.nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-class MLPHead(ClassifierMixin, BaseEstimator):
+class MLPHead(_BlockTrained):
     """The study's dense head: Linear(d, 1024) -> ReLU -> Dropout -> Linear(1024, n_cities) -> softmax.
 
     Trained with Adam on cross-entropy; with ``early_stopping`` it watches the
@@ -224,19 +243,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
-    def fit(self, X, y, X_val=None, y_val=None):
-        X, y = validate_data(self, X, y, dtype=np.float32)
-        check_classification_targets(y)
-        if X_val is not None:
-            X_val = validate_data(self, X_val, dtype=np.float32, reset=False)
-        seed = _seed(self.random_state)
-        Xt, yt, Xv, yv = _validation(X, y, X_val, y_val, self.validation_fraction, seed, self.early_stopping)
-        return self._fit_source(ArrayBlocks(Xt, yt), Xv, yv, seed)
-
-    def fit_blocks(self, source, X_val=None, y_val=None):
-        """Train from ``source.blocks(rng)`` (shuffled blocks, never the whole matrix at once)."""
-        self.n_features_in_ = source.n_features
-        return self._fit_source(source, X_val, None if y_val is None else np.asarray(y_val), _seed(self.random_state))
+    def _memory_blocks(self, X, y):
+        return ArrayBlocks(X, y)  # one block: a full shuffle each epoch
 
     def _fit_source(self, source, Xv, yv, seed):
         self.classes_ = np.unique(source.labels())
@@ -402,7 +410,7 @@ class LogRegHead(_LinearHead):
         return self
 
 
-class LinearSVMHead(_LinearHead):
+class LinearSVMHead(_BlockTrained, _LinearHead):
     """A linear SVM (hinge loss, L2, one-vs-rest) trained by SGD on standardised features.
 
     ``alpha`` (the L2 strength, 1 / (C n)) is chosen on the validation split,
@@ -425,19 +433,8 @@ class LinearSVMHead(_LinearHead):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def fit(self, X, y, X_val=None, y_val=None):
-        X, y = validate_data(self, X, y, dtype=np.float32)
-        check_classification_targets(y)
-        if X_val is not None:
-            X_val = validate_data(self, X_val, dtype=np.float32, reset=False)
-        seed = _seed(self.random_state)
-        Xt, yt, Xv, yv = _validation(X, y, X_val, y_val, self.validation_fraction, seed)
-        return self._fit_source(ArrayBlocks(Xt, yt, self.block_rows), Xv, yv, seed)
-
-    def fit_blocks(self, source, X_val=None, y_val=None):
-        """Train from ``source.blocks(rng)`` (shuffled blocks, never the whole matrix at once)."""
-        self.n_features_in_ = source.n_features
-        return self._fit_source(source, X_val, None if y_val is None else np.asarray(y_val), _seed(self.random_state))
+    def _memory_blocks(self, X, y):
+        return ArrayBlocks(X, y, self.block_rows)  # SGD takes sub-blocks; shuffled runs mix the cities
 
     def _fit_source(self, source, Xv, yv, seed):
         self.classes_ = np.unique(source.labels())
