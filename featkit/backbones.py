@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featkit.devices import resolve_device  # noqa: F401  (the CLI and extract take it from here)
 from featkit.errors import FeatkitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -190,16 +191,3 @@ def load_backbone(
         feature_dim=feature_dim(pooling, image_size),
     )
     return net, spec
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when a GPU is visible, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FeatkitError(f"--device {device} asked for, but no CUDA GPU is visible to torch; use --device cpu or --device auto")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise FeatkitError(f"unknown device {device!r}; choose one of: auto, cpu, cuda (or cuda:N)")

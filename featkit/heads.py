@@ -38,6 +38,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
 
 HEAD_NAMES = ("logreg", "mlp", "svm")
@@ -153,14 +154,6 @@ def _check_two_classes(classes, name):
         raise ValueError(f"{name} needs samples of at least 2 classes; got {len(classes)} class")
 
 
-def _resolve_torch_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatkitError(f"--device {device} asked for, but no CUDA GPU is visible to torch; use --device cpu or --device auto")
-    return torch.device(device)
-
-
 def _seed(random_state) -> int:
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
@@ -249,7 +242,7 @@ class MLPHead(_BlockTrained):
     def _fit_source(self, source, Xv, yv, seed):
         self.classes_ = np.unique(source.labels())
         _check_two_classes(self.classes_, type(self).__name__)
-        dev = _resolve_torch_device(self.device)
+        dev = resolve_device(self.device)
         hidden = (self.hidden_layer_sizes,) if np.isscalar(self.hidden_layer_sizes) else tuple(self.hidden_layer_sizes)
         t0 = time.perf_counter()
         mean, std = source_moments(source)
@@ -329,7 +322,7 @@ class MLPHead(_BlockTrained):
     def predict_proba(self, X):
         check_is_fitted(self, "model_")
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        dev = _resolve_torch_device(self.device)
+        dev = resolve_device(self.device)
         model = self.model_.to(dev)
         try:
             return self._proba(model, X, dev)

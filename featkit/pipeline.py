@@ -18,6 +18,7 @@ from featkit import __version__
 from featkit.errors import FeatkitError
 from featkit.evaluate import evaluate_predictions
 from featkit.heads import HEAD_NAMES, STREAMING_HEADS, load_head, make_head, save_head, shuffled_segments
+from featkit.manifest import split_counts
 from featkit.report import write_report
 from featkit.store import FeatureStore, check_identity
 
@@ -171,7 +172,7 @@ def compare_heads(cache_dir: str | Path, reports_dir: str | Path) -> tuple[dict,
         cities = _cities(store)
         Xte, yte, _ = store.load_split("test")
         identity, cache_id = store.identity, store.cache_id
-        counts = {s: {c: int(n) for c, n in zip(*np.unique(store.column("city")[store.split_rows(s)], return_counts=True))} for s in ("train", "val", "test")}
+        counts = split_counts(list(store.column("city")), list(store.column("split")))
         backbone = store.provenance.get("backbone", "")
     if len(yte) == 0:
         raise FeatkitError("the cache's test split is empty; re-extract with a larger --test-size")
