@@ -117,7 +117,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from featkit.backbones import load_backbone, resolve_device
     from featkit.errors import FeatkitError
-    from featkit.extract import default_workers, load_image
+    from featkit.extract import default_workers
+    from featkit.images import load_image
 
     try:
         dev = resolve_device(args.device)

@@ -63,7 +63,7 @@ class _Photos(torch.utils.data.Dataset):
         return len(self.photos)
 
     def __getitem__(self, i):
-        from featkit.extract import load_image
+        from featkit.images import load_image
 
         return load_image(self.photos[i].path, self.size), self.labels[i]
 
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     from featkit.backbones import load_backbone, resolve_device
     from featkit.errors import FeatkitError
     from featkit.extract import default_workers
-    from featkit.manifest import assign_splits
+    from featkit.splits import assign_splits
 
     try:
         dev = resolve_device(args.device)
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
 
     # Warm-up both code paths on a couple of batches (threads, oneDNN / cudnn, worker start-up code paths).
     with torch.inference_mode():
-        from featkit.extract import load_image
+        from featkit.images import load_image
 
         x = torch.stack([load_image(p.path, spec.image_size) for p in train[:4]])
         net.to(dev)(x.to(dev))

@@ -38,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from featkit.cities import City, validate_city_name
 from featkit.errors import FeatkitError
+from featkit.images import decoded_size, dhash
 
 MANIFEST_COLUMNS = ("photo_id", "city", "path", "owner", "license", "latitude", "longitude",
                     "date_taken", "url", "title", "sha256")
@@ -328,28 +329,6 @@ def _search_windows(api: _FlickrSearch, base: dict[str, str], *, start: float, e
 
 
 # --------------------------------------------------------------------------- images
-
-def dhash(data: bytes | Image.Image, bits: int = 8) -> int:
-    """64-bit difference hash: signs of horizontal gradients of a 9x8 grayscale thumbnail."""
-    img = Image.open(io.BytesIO(data)) if isinstance(data, bytes) else data
-    if img.format == "JPEG":
-        img.draft("L", ((bits + 1) * 4, bits * 4))
-    small = np.asarray(img.convert("L").resize((bits + 1, bits), Image.BILINEAR), dtype=np.int16)
-    value = 0
-    for bit in (small[:, 1:] > small[:, :-1]).flatten():
-        value = (value << 1) | int(bit)
-    return value
-
-
-def _decode(data: bytes) -> tuple[int, int]:
-    """Fully decode the image; return (width, height) or raise ValueError."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(str(e)) from None
-
 
 @dataclass
 class _Candidate:
@@ -729,7 +708,7 @@ class _Run:
                     if ctype.startswith("text/"):
                         return _Fetched(cand, error=f"not an image ({ctype})")
                     try:
-                        w, h = _decode(data)
+                        w, h = decoded_size(data)
                     except ValueError:
                         return _Fetched(cand, error="not a decodable image")
                     if min(w, h) < self.min_size:
@@ -761,7 +740,7 @@ class _Run:
         data = f.data if f.data is not None else final.read_bytes()
         if f.data is None:
             try:
-                _decode(data)
+                decoded_size(data)
             except ValueError:
                 final.unlink(missing_ok=True)
                 stats.skipped["not a decodable image"] += 1

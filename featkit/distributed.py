@@ -48,7 +48,8 @@ import torch.distributed as dist
 
 from featkit.backbones import BackboneSpec, FeatureNet, resolve_device
 from featkit.errors import FeatkitError
-from featkit.manifest import Photo, assign_splits, split_counts
+from featkit.manifest import Photo
+from featkit.splits import assign_splits, split_counts
 from featkit.store import ROW_FIELDS, FeatureStore, check_identity
 
 # Long, because the other ranks wait while rank 0 copies a killed run's shards

@@ -23,65 +23,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
 
 from featkit import __version__
 from featkit.backbones import BackboneSpec, FeatureNet, resolve_device
 from featkit.errors import FeatkitError
-from featkit.manifest import Photo, assign_splits, split_counts
+from featkit.manifest import Photo
+from featkit.splits import assign_splits, split_counts
+from featkit.images import UnreadableImage, load_image
 from featkit.store import DTYPES, FeatureStore
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure to record, not grey pixels
-Image.MAX_IMAGE_PIXELS = 200_000_000  # guard against decompression bombs without refusing big photos
-
-# Modes Pillow converts to RGB faithfully; anything else is an "unsupported mode" failure.
-_CONVERTIBLE = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
-
-
-class UnreadableImage(Exception):
-    """A photo that cannot become an RGB tensor; the message is the recorded reason."""
-
-
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Decode, orient (EXIF), convert to RGB and resize to ``size`` x ``size``: uint8 (3, size, size).
-
-    Grayscale, palette, CMYK and 16-bit images are converted; transparent
-    ones are composited onto white. Raises :class:`UnreadableImage`.
-    """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise UnreadableImage("empty file (0 bytes)")
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in _ALPHA:
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, rgba).convert("RGB")
-            elif mode.startswith("I;16") or mode in ("I", "F"):
-                a = np.asarray(im, dtype=np.float32)
-                hi = float(a.max()) or 1.0
-                im = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-            elif mode in _CONVERTIBLE:
-                im = im.convert("RGB")
-            else:
-                raise UnreadableImage(f"unsupported image mode {mode}")
-            im = im.resize((size, size), Image.BILINEAR)
-            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-    except UnreadableImage:
-        raise
-    except FileNotFoundError:
-        raise UnreadableImage("file not found") from None
-    except UnidentifiedImageError:
-        raise UnreadableImage("not an image Pillow can identify") from None
-    except Image.DecompressionBombError as e:
-        raise UnreadableImage(f"too large ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated data, bad headers, broken files
-        raise UnreadableImage(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
 
 class _PhotoDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str], size: int):

@@ -1,4 +1,4 @@
-"""Which photos exist, which city each belongs to, and which split each is in.
+"""Which photos exist and which city each belongs to (splits: :mod:`featkit.splits`).
 
 A photo source is either a folder with one sub-folder per city (the layout
 torchvision's ``ImageFolder`` reads) or a manifest CSV with at least the
@@ -9,15 +9,12 @@ writes one). Everything downstream is keyed by ``photo_id``.
 from __future__ import annotations
 
 import csv
-import hashlib
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from featkit.errors import FeatkitError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -98,85 +95,3 @@ def _read_manifest(csv_path: Path) -> list[Photo]:
         path = Path(rel)
         photos.append(Photo(pid, city, path if path.is_absolute() else base / path, (row.get("owner") or "").strip()))
     return photos
-
-
-def _rank(seed: int, key: str) -> str:
-    """A deterministic pseudo-random sort key for a group, stable across runs and machines."""
-    return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
-
-
-def _target(size: float, n: int) -> int:
-    """How many of a city's n photos a split of ``size`` (count >= 1 or fraction < 1) takes."""
-    if size <= 0:
-        return 0
-    if size < 1:
-        return max(1, round(size * n))
-    return int(size)
-
-
-def assign_splits(
-    photos: list[Photo],
-    *,
-    seed: int = 0,
-    test_size: float = 0.125,
-    val_size: float = 0.1,
-    fixed: dict[str, str] | None = None,
-) -> dict[str, str]:
-    """Assign every photo to train / val / test, deterministically, stratified by city.
-
-    ``test_size`` and ``val_size`` are per city: a count (>= 1, e.g. the study's
-    500) or a fraction (< 1). Photos are grouped by owner when owners are
-    known, so no photographer lands in two splits; otherwise each photo is its
-    own group. Groups are taken in an order drawn from ``seed`` (a hash, so the
-    order is the same on every machine), filling each city's test quota, then
-    its val quota; the rest is train. ``fixed`` pins splits already recorded
-    (photos already in a cache): their groups keep that split, so a cache that
-    grows never moves a photo or an owner across splits.
-    """
-    fixed = fixed or {}
-    by_city = Counter(p.city for p in photos)
-    need = {}
-    for city, n in by_city.items():
-        n_test, n_val = _target(test_size, n), _target(val_size, n)
-        if n_test + n_val >= n:
-            raise FeatkitError(
-                f"city {city!r} has {n} photos; test size {test_size:g} and val size {val_size:g} "
-                "leave none for training; use fractions such as --test-size 0.2 --val-size 0.1"
-            )
-        need[city] = {"test": n_test, "val": n_val}
-
-    groups: dict[str, list[Photo]] = defaultdict(list)
-    for p in photos:
-        groups[f"owner:{p.owner}" if p.owner else f"photo:{p.photo_id}"].append(p)
-
-    splits: dict[str, str] = {}
-
-    def take(members: list[Photo], split: str) -> None:
-        for m in members:
-            splits[m.photo_id] = split
-            if split != "train":
-                need[m.city][split] -= 1
-
-    # Groups holding an already-recorded photo keep its split (the first recorded one wins).
-    free = []
-    for key, members in groups.items():
-        pinned = next((fixed[m.photo_id] for m in members if m.photo_id in fixed), None)
-        if pinned is not None:
-            take(members, pinned)
-        else:
-            free.append(key)
-
-    for key in sorted(free, key=lambda k: _rank(seed, k)):
-        members = groups[key]
-        main_city = Counter(m.city for m in members).most_common(1)[0][0]
-        split = next((s for s in ("test", "val") if need[main_city][s] > 0), "train")
-        take(members, split)
-    return splits
-
-
-def split_counts(cities: list[str], splits: list[str]) -> dict[str, dict[str, int]]:
-    """Per split, per city photo counts, for reports and summaries."""
-    counts = {s: {c: 0 for c in sorted(set(cities))} for s in SPLITS}
-    for city, split in zip(cities, splits):
-        counts[split][city] += 1
-    return counts

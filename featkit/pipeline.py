@@ -18,7 +18,7 @@ from featkit import __version__
 from featkit.errors import FeatkitError
 from featkit.evaluate import evaluate_predictions
 from featkit.heads import HEAD_NAMES, STREAMING_HEADS, load_head, make_head, save_head, shuffled_segments
-from featkit.manifest import split_counts
+from featkit.splits import split_counts
 from featkit.report import write_report
 from featkit.store import FeatureStore, check_identity
 

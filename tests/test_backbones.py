@@ -10,7 +10,7 @@ from torchvision.models import vgg16
 from conftest import REAL_PHOTOS, REAL_WEIGHTS
 from featkit.backbones import BackboneSpec, load_backbone
 from featkit.errors import FeatkitError
-from featkit.extract import load_image
+from featkit.images import load_image
 
 
 def test_whole_vgg16_and_features_only_files_are_the_same_weights(tmp_path):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO, make_photos
 from featkit.backbones import load_backbone
-from featkit.extract import extract_features, load_image, UnreadableImage
+from featkit.extract import extract_features
+from featkit.images import UnreadableImage, load_image
 from featkit.manifest import scan_photos
 from featkit.store import FeatureStore
 

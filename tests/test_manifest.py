@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from featkit.errors import FeatkitError
-from featkit.manifest import Photo, assign_splits, scan_photos
+from featkit.manifest import Photo, scan_photos
+from featkit.splits import assign_splits
 
 
 def _photos(n_per_city=40, owners=None):

@@ -1,0 +1,68 @@
+"""Write a file so that a reader (or a crash) sees the old version or the new one, never half of one.
+
+Every output featkit writes (manifests, heads, reports, the CSV of failures, a
+new feature cache) goes through :func:`atomic_path` or :func:`atomic_write`:
+the bytes go to a temporary name beside the target, are flushed to disk
+(``fsync``), and the temporary file is renamed over the target; the folder is
+then synced so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a closed file's bytes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit it is synced and renamed to ``path``.
+
+    Whatever writes the file (``joblib.dump``, ``fig.savefig``, ``h5py.File``)
+    writes to the yielded path. On an exception the temporary file is removed
+    and ``path`` is left as it was. ``suffix`` keeps a file type that a writer
+    infers from the name (``.png``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, data: str | bytes, *, encoding: str = "utf-8") -> None:
+    """Replace ``path`` with ``data`` (text or bytes) atomically."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding=encoding)
+        else:
+            tmp.write_bytes(data)
