@@ -48,26 +48,16 @@ def cpu_name() -> str:
 
 
 def machine_info(dev: torch.device) -> dict:
-    """What the figures were measured on: CPU, cores, GPU, torch version, device."""
-    info = {
-        "cpu": cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none used",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(dev),
-        "argv": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    try:
-        import subprocess
+    """What the figures were measured on: featkit's provenance record plus CPU, cores, GPU, device."""
+    from featkit.provenance import provenance
 
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        info["git"] = rev.stdout.strip() or "unknown"
-    except Exception:
-        info["git"] = "unknown"
-    return info
+    return provenance(
+        cpu=cpu_name(),
+        cpu_cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none used",
+        device=str(dev),
+    )
 
 
 def make_photos(root: Path, n: int, *, seed: int = 0, size: tuple[int, int] = STUDY_PHOTO_SIZE, cities=CITIES) -> Path:
@@ -169,19 +159,3 @@ def write_json(path: Path | None, payload: dict) -> None:
 def die(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def stream_kwargs(fit_heads, want: bool | None) -> dict:
-    """The ``stream=`` keyword for ``fit_heads`` if this featkit has one, in the form it takes.
-
-    ``want`` None leaves featkit's default. A string-valued parameter ("auto"/"yes"/"no")
-    gets "yes"/"no"; otherwise a bool is passed.
-    """
-    import inspect
-
-    param = inspect.signature(fit_heads).parameters.get("stream")
-    if param is None or want is None:
-        return {}
-    if isinstance(param.default, str):
-        return {"stream": "yes" if want else "no"}
-    return {"stream": bool(want)}

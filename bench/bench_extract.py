@@ -3,7 +3,7 @@
 Three variants, one run, same device, same batch size, same photos:
 
   (a) ceiling  the backbone alone on a uint8 batch already on the device (no decoding, no writes)
-  (b) featkit  featkit.extract.extract_features end to end on the JPEGs, whole wall time
+  (b) featkit  featkit.extraction.extract_features end to end on the JPEGs, whole wall time
                (DataLoader worker start-up, decode, resize, backbone, HDF5 writes)
   (c) naive    one photo at a time: PIL open, torchvision Resize+ToTensor+Normalize,
                unsqueeze, a plain torchvision vgg16().features forward (batch of 1)
@@ -72,11 +72,13 @@ def ceiling(net, images_u8: torch.Tensor, n: int, batch_size: int, dev: torch.de
 
 def featkit_extract(photos, net, spec, cache: Path, dev_arg: str, batch_size: int, workers) -> float:
     """(b) seconds of one whole extract_features call into a fresh cache."""
-    from featkit.extract import extract_features
+    from featkit.extraction import extract_features
+    from featkit.options import ExtractOptions
 
+    # splits do not change the work; 0/0 lets tiny samples through
+    options = ExtractOptions(device=dev_arg, batch_size=batch_size, workers=workers, overwrite=True, progress=False, test_size=0, val_size=0)
     t0 = time.perf_counter()
-    s = extract_features(photos, net, spec, cache, device=dev_arg, batch_size=batch_size, num_workers=workers, overwrite=True, progress=False,
-                           test_size=0, val_size=0)  # splits do not change the work; 0/0 lets tiny samples through
+    s = extract_features(photos, net, spec, cache, options)
     seconds = time.perf_counter() - t0
     if s.n_extracted != len(photos):
         die(f"extract stored {s.n_extracted} of {len(photos)} photos ({s.n_skipped} skipped, see {s.failed_csv})")
@@ -115,9 +117,10 @@ def naive_loop(photos, model, spec, dev: torch.device) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from featkit.backbones import load_backbone, resolve_device
+    from featkit.backbones import load_backbone
+    from featkit.devices import resolve_device
     from featkit.errors import FeatkitError
-    from featkit.extract import default_workers
+    from featkit.extraction import default_workers
     from featkit.images import load_image
 
     try:

@@ -2,7 +2,7 @@
 
 Builds a float16 feature cache with featkit's own FeatureStore (default 41,000 x 25,088, about
 2 GB; ten cities; ~80/10/10 train/val/test; ReLU-like sparse nonnegative features with a weak
-per-city signal), then fits each head with featkit.pipeline.fit_heads in a fresh subprocess,
+per-city signal), then fits each head with featkit.training.fit_heads in a fresh subprocess,
 so each head's peak resident memory is its own (read with os.wait4's rusage of that child).
 
 Prints per head: fit time, wall time of the whole fit_heads call (reading the cache included),
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CITIES, die, machine_info, print_table, stream_kwargs, write_json  # noqa: E402
+from _common import CITIES, die, machine_info, print_table, write_json  # noqa: E402
 
 STUDY_ROWS = 41_000
 GB = 1e9
@@ -63,6 +63,7 @@ def parse_args(argv=None):
 # -- the synthetic cache -------------------------------------------------------------------------
 def build_cache(path: Path, n_rows: int, identity: dict, seed: int, block_rows: int = 1024) -> float:
     """Write ``n_rows`` ReLU-like float16 rows with a weak city signal; returns seconds taken."""
+    from featkit.provenance import provenance
     from featkit.store import FeatureStore
 
     dim = int(identity["feature_dim"])
@@ -73,7 +74,7 @@ def build_cache(path: Path, n_rows: int, identity: dict, seed: int, block_rows: 
     cities = np.array(CITIES)
     t0 = time.perf_counter()
     z = np.empty((block_rows, dim), dtype=np.float32)
-    with FeatureStore.open_for_append(path, identity, overwrite=True, provenance={"argv": sys.argv, "synthetic": True, "seed": seed}) as store:
+    with FeatureStore.open_for_append(path, identity, overwrite=True, provenance=provenance(synthetic=True, seed=seed)) as store:
         for start in range(0, n_rows, block_rows):
             k = min(block_rows, n_rows - start)
             c = rng.integers(0, len(CITIES), k)
@@ -141,7 +142,7 @@ def vm_hwm() -> int | None:
 
 
 def child_fit(cache_dir: Path, head: str, out_json: Path, args) -> None:
-    import featkit.pipeline as pipeline
+    import featkit.training as training
 
     if head == BASELINE:  # what the interpreter and featkit's imports alone hold
         import featkit.heads  # noqa: F401
@@ -151,28 +152,24 @@ def child_fit(cache_dir: Path, head: str, out_json: Path, args) -> None:
         return
 
     captured = {}
-    original_save = getattr(pipeline, "save_head", None)
-    if original_save is not None:  # see the fitted estimator without loading it back
-        def save_and_capture(path, est, record):
-            captured["est"] = est
-            return original_save(path, est, record)
+    original_save = training.save_head
 
-        pipeline.save_head = save_and_capture
+    def save_and_capture(path, est, record):  # see the fitted estimator without loading it back
+        captured["est"] = est
+        return original_save(path, est, record)
+
+    training.save_head = save_and_capture
     mlp = {}
     if args.epochs is not None:
         mlp["max_iter"] = args.epochs
     if args.batch_size is not None:
         mlp["batch_size"] = args.batch_size
     t0 = time.perf_counter()
-    records = pipeline.fit_heads(cache_dir, head, seed=args.seed, device=args.device, mlp_params=mlp or None,
-                                 **stream_kwargs(pipeline.fit_heads, args.stream))
+    stream = "auto" if args.stream is None else ("yes" if args.stream else "no")
+    records = training.fit_heads(cache_dir, head, seed=args.seed, device=args.device, params={"mlp": mlp}, stream=stream)
     wall = time.perf_counter() - t0
     rec = records[0]
-    est = captured.get("est")
-    if est is None:
-        from featkit.heads import load_head
-
-        est, _ = load_head(cache_dir / pipeline.HEADS_DIR / f"{head}.joblib")
+    est = captured["est"]
     out = {
         "head": head,
         "fit_seconds": rec.get("fit_seconds"),
@@ -214,10 +211,11 @@ def main(argv=None) -> None:
         cache_dir, head, out_json = args.child
         child_fit(Path(cache_dir), head, Path(out_json), args)
         return
-    from featkit.backbones import load_backbone, resolve_device
+    from featkit.backbones import load_backbone
+    from featkit.devices import resolve_device
     from featkit.errors import FeatkitError
-    from featkit.extract import cache_identity
-    from featkit.pipeline import CACHE_FILE, fit_heads, resolve_heads
+    from featkit.store import CACHE_FILE, cache_identity
+    from featkit.training import resolve_heads
 
     try:
         heads = resolve_heads(args.heads)
@@ -247,8 +245,6 @@ def main(argv=None) -> None:
     if args.stream is not None:
         extra += ["--stream" if args.stream else "--no-stream"]
     stream_note = "featkit default" if args.stream is None else ("on" if args.stream else "off")
-    if args.stream is not None and not stream_kwargs(fit_heads, args.stream):
-        stream_note += " (ignored: this featkit's fit_heads has no stream option)"
 
     results = [run_child(cache_dir, BASELINE, args, extra)]
     for head in heads:

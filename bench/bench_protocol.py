@@ -7,7 +7,7 @@ Same photos, same splits, same device, same head, same number of epochs E:
            Linear(25088,1024) -> ReLU -> Dropout(0.5) -> Linear(1024, n_cities) with Adam on the
            train split, and scores the val split each epoch (its features recomputed too, as
            Keras's validation generator does)
-  featkit  extract_features once (all photos, test split included) + featkit.pipeline.fit_heads
+  featkit  extract_features once (all photos, test split included) + featkit.training.fit_heads
            --head mlp with max_iter=E, no early stop, on the cached features
 
 The study's loop is given featkit's own loader (DataLoader workers decoding to uint8, the
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_options, default_n, die, machine_info, make_photos, pick_photos, print_table, stream_kwargs, sync, write_json  # noqa: E402
+from _common import add_common_options, default_n, die, machine_info, make_photos, pick_photos, print_table, sync, write_json  # noqa: E402
 
 STUDY_BATCH = 15
 
@@ -117,21 +117,22 @@ def study_protocol(train, val, classes, net, spec, dev, *, epochs, batch_size, w
 
 def featkit_protocol(photos, net, spec, cache_dir: Path, args) -> dict:
     """featkit's way: extract once, then fit the MLP head on the cache for the same epochs."""
-    from featkit.extract import extract_features
-    from featkit.pipeline import CACHE_FILE, fit_heads
+    from featkit.extraction import extract_features
+    from featkit.options import ExtractOptions
+    from featkit.store import cache_file
+    from featkit.training import fit_heads
 
+    options = ExtractOptions(device=args.device, batch_size=args.extract_batch_size, workers=args.workers, seed=args.seed,
+                             test_size=args.test_size, val_size=args.val_size, overwrite=True, progress=False)
     t0 = time.perf_counter()
-    s = extract_features(photos, net, spec, cache_dir / CACHE_FILE, device=args.device, batch_size=args.extract_batch_size,
-                         num_workers=args.workers, seed=args.seed, test_size=args.test_size, val_size=args.val_size,
-                         overwrite=True, progress=False)
+    s = extract_features(photos, net, spec, cache_file(cache_dir), options)
     t_extract = time.perf_counter() - t0
     if s.n_extracted != len(photos):
         die(f"extract stored {s.n_extracted} of {len(photos)} photos ({s.n_skipped} skipped)")
     # n_iter_no_change=E: validation is still scored each epoch, but no early stop, so all E epochs run.
     mlp = {"max_iter": args.epochs, "early_stopping": False, "n_iter_no_change": args.epochs, "batch_size": args.mlp_batch_size}
-    kwargs = stream_kwargs(fit_heads, False)  # a few photos' features fit in memory: the in-memory path
-    t1 = time.perf_counter()
-    records = fit_heads(cache_dir, "mlp", seed=args.seed, device=args.device, mlp_params=mlp, log=lambda m: print("  " + m, file=sys.stderr), **kwargs)
+    t1 = time.perf_counter()  # a few photos' features fit in memory: the in-memory path
+    records = fit_heads(cache_dir, "mlp", seed=args.seed, device=args.device, params={"mlp": mlp}, stream="no", log=lambda m: print("  " + m, file=sys.stderr))
     t_fit = time.perf_counter() - t1
     rec = records[0]
     return {"seconds": t_extract + t_fit, "extract_seconds": t_extract, "fit_seconds": t_fit, "val_accuracy": rec.get("val_score"),
@@ -150,9 +151,10 @@ def _projection(st: dict, fk: dict, epochs: int, target: int = 11) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from featkit.backbones import load_backbone, resolve_device
+    from featkit.backbones import load_backbone
+    from featkit.devices import resolve_device
     from featkit.errors import FeatkitError
-    from featkit.extract import default_workers
+    from featkit.extraction import default_workers
     from featkit.splits import assign_splits
 
     try:

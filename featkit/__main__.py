@@ -1,5 +1,5 @@
 """``python -m featkit`` (and ``torchrun -m featkit``) runs the ``featkit`` command."""
 
-from cli import app
+from featkit.cli import app
 
 app()

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featkit.devices import resolve_device  # noqa: F401  (the CLI and extract take it from here)
 from featkit.errors import FeatkitError
+from featkit.options import BACKBONE, EXTRACT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -141,12 +141,12 @@ def _conv_base_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(
-    weights: str | Path | None = None,
+    weights: str | Path | None = BACKBONE.weights,
     *,
     arch: str = "vgg16",
-    pooling: str = "flatten",
-    image_size: int = 224,
-    seed: int = 0,
+    pooling: str = BACKBONE.pooling,
+    image_size: int = BACKBONE.image_size,
+    seed: int = EXTRACT.seed,
 ) -> tuple[FeatureNet, BackboneSpec]:
     """Build the frozen conv base in eval mode and the spec that identifies its features.
 

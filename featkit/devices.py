@@ -13,8 +13,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise FeatkitError(f"--device {device} asked for, but no CUDA GPU is visible to torch; use --device cpu or --device auto")
+            raise FeatkitError(f"`device` {device} asked for, but no CUDA GPU is visible to torch; use `device` cpu or `device` auto", param="device")
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")
-    raise FeatkitError(f"unknown device {device!r}; choose one of: auto, cpu, cuda (or cuda:N)")
+    raise FeatkitError(f"unknown `device` {device!r}; choose one of: auto, cpu, cuda (or cuda:N)", param="device")

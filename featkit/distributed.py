@@ -11,9 +11,11 @@ options, and the cache folder on a filesystem all nodes share (NFS, Lustre, ...)
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         --no-python featkit extract PHOTOS --cache /shared/cache
 
-:func:`featkit.extract.extract_features` notices torchrun from its environment
-(``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``) and comes here, so the command
-line is the same as for one process. The process group uses NCCL on CUDA
+:func:`featkit.api.extract` notices torchrun from its environment
+(:func:`torchrun_env`: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``) and comes here,
+so the command line is the same as for one process. Each rank drives the
+public parts of :mod:`featkit.extraction` (``plan``, ``feature_batches``,
+``write_batches``) with the same :class:`~featkit.options.ExtractOptions`. The process group uses NCCL on CUDA
 (rank r uses ``cuda:LOCAL_RANK``) and gloo on CPU; it only carries small
 messages (which photos are done, counts, errors), never features.
 
@@ -35,52 +37,49 @@ messages (which photos are done, counts, errors), never features.
 from __future__ import annotations
 
 import datetime
-import glob
 import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from featkit.backbones import BackboneSpec, FeatureNet, resolve_device
+from featkit.backbones import BackboneSpec, FeatureNet
+from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
+from featkit.extraction import ExtractSummary, default_workers, extraction_provenance, feature_batches, plan, progress_bar, write_batches
 from featkit.manifest import Photo
-from featkit.splits import assign_splits, split_counts
-from featkit.store import ROW_FIELDS, FeatureStore, check_identity
+from featkit.options import ExtractOptions
+from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, check_identity, shard_files, shard_path
 
 # Long, because the other ranks wait while rank 0 copies a killed run's shards
 # into the cache; a rank that dies is noticed by torchrun, not by this timeout.
 GROUP_TIMEOUT = datetime.timedelta(hours=12)
 
 
-def torchrun_env() -> tuple[int, int, int] | None:
-    """``(rank, local_rank, world_size)`` when started by torchrun with more than one process, else None."""
+class Ranks(NamedTuple):
+    """Where this process stands in a torchrun job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def torchrun_env() -> Ranks | None:
+    """This process's :class:`Ranks` when started by torchrun with more than one process, else None."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1 or "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
             return None
-        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world
+        return Ranks(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world)
     except ValueError:
         raise FeatkitError(
             "WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them); "
             "unset them to run in one process, or start the command with torchrun"
         ) from None
-
-
-def shard_path(cache_path: str | Path, rank: int, world_size: int) -> Path:
-    """Where rank ``rank`` of ``world_size`` writes its part: ``<cache>.rank<k>-of-<n>.h5`` beside the cache."""
-    p = Path(cache_path)
-    return p.with_name(f"{p.name}.rank{rank}-of-{world_size}.h5")
-
-
-def shard_files(cache_path: str | Path) -> list[Path]:
-    """Shard files of this cache that exist now, from runs of any size."""
-    p = Path(cache_path)
-    return sorted(Path(s) for s in glob.glob(os.path.join(glob.escape(str(p.parent)), glob.escape(p.name) + ".rank*-of-*.h5")))
 
 
 def join_shards(store: FeatureStore, shards: list[Path], *, block_rows: int = 2048) -> int:
@@ -129,51 +128,35 @@ def extract_distributed(
     net: FeatureNet,
     spec: BackboneSpec,
     cache_path: str | Path,
+    options: ExtractOptions,
+    ranks: Ranks,
     *,
-    rank: int,
-    local_rank: int,
-    world_size: int,
-    device: str = "auto",
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    dtype: str = "float16",
-    seed: int = 0,
-    test_size: float = 0.125,
-    val_size: float = 0.1,
-    overwrite: bool = False,
-    progress: bool = True,
-    provenance: dict | None = None,
     on_batch: Callable[[int], None] | None = None,
-):
-    """This rank's part of a torchrun extraction (see the module docstring); the same arguments as ``extract_features``.
+) -> ExtractSummary:
+    """This rank's part of a torchrun extraction (see the module docstring).
 
-    Every rank returns an :class:`~featkit.extract.ExtractSummary` of the whole
+    Every rank returns an :class:`~featkit.extraction.ExtractSummary` of the whole
     run; only rank 0's has ``reporter`` set, so one process prints it.
     Initialises the process group unless one is already up, and destroys it
     at the end if it made it.
     """
-    dev = resolve_device(device)
+    dev = resolve_device(options.device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(dev)
-    if num_workers is None:  # the node's cores shared among the ranks on it
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        num_workers = max(1, min(8, (os.cpu_count() or 2) // max(1, local_world) - 1))
     own_group = not dist.is_initialized()
     if own_group:
         try:
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size, timeout=GROUP_TIMEOUT)
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size, timeout=GROUP_TIMEOUT)
         except Exception as e:  # rendezvous problems surface as many exception types
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FeatkitError(
-                f"rank {rank} of {world_size} could not join torchrun's process group ({msg}); "
+                f"rank {ranks.rank} of {ranks.world_size} could not join torchrun's process group ({msg}); "
                 "check torchrun's --rdzv-endpoint (or --master-addr/--master-port) and that every node can reach it"
             ) from None
     try:
-        return _extract_rank(
-            photos, net, spec, Path(cache_path), rank, world_size, dev, batch_size, num_workers, dtype, seed,
-            test_size, val_size, overwrite, progress, provenance, on_batch,
-        )
+        return _RankRun(photos, net, spec, Path(cache_path), options, ranks, dev, on_batch).run()
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -194,88 +177,113 @@ def _from_rank0(obj):
     return box[0]
 
 
-def _extract_rank(photos, net, spec, cache_path, rank, world, dev, batch_size, num_workers, dtype, seed, test_size, val_size, overwrite, progress, provenance, on_batch):
-    from featkit.extract import ExtractSummary, _provenance, _run, _write_failed_csv, cache_identity
+class _RankRun:
+    """One rank's run, in the four steps of the module docstring."""
 
-    t0 = time.perf_counter()
-    identity = cache_identity(spec, dtype)
-    prov = {**_provenance(dev, spec, seed, test_size, val_size, provenance), "world_size": world}
-    failed_csv = cache_path.with_name("failed.csv")
-    summary = ExtractSummary(cache_path=str(cache_path), failed_csv=str(failed_csv), rank=rank, world_size=world, reporter=rank == 0)
-    store = None
-    try:
-        # 1. Rank 0 readies the cache (and joins a killed run's shards); the others learn what is done.
-        plan = None
-        if rank == 0:
+    def __init__(self, photos, net, spec, cache_path: Path, options: ExtractOptions, ranks: Ranks, dev, on_batch):
+        self.photos, self.net, self.spec, self.cache_path = photos, net, spec, cache_path
+        self.options, self.rank, self.world, self.dev, self.on_batch = options, ranks.rank, ranks.world_size, dev, on_batch
+        self.identity = cache_identity(spec, options.dtype)
+        self.prov = extraction_provenance(dev, spec, options, world_size=ranks.world_size)
+        self.summary = ExtractSummary(
+            cache_path=str(cache_path), failed_csv=str(cache_path.with_name(FAILED_CSV)),
+            rank=ranks.rank, world_size=ranks.world_size, reporter=ranks.rank == 0,
+        )
+        self.store: FeatureStore | None = None
+
+    def run(self) -> ExtractSummary:
+        t0 = time.perf_counter()
+        try:
+            splits, mine, error = self._plan()
+            reports = self._extract_own_shard(splits, mine, error)
+            self._join(reports)
+            self.summary.seconds = time.perf_counter() - t0
+            return self.summary
+        finally:
+            if self.store is not None:
+                self.store.close()
+
+    def _plan(self):
+        """1-2. Rank 0 readies the cache (joining a killed run's shards); every rank learns the splits and its share."""
+        ready = None
+        if self.rank == 0:
             try:
-                if overwrite:
-                    for p in shard_files(cache_path):  # before the cache, so no stale shard outlives it
+                if self.options.overwrite:
+                    for p in shard_files(self.cache_path):  # before the cache, so no stale shard outlives it
                         p.unlink()
-                store = FeatureStore.open_for_append(cache_path, identity, overwrite=overwrite, provenance=prov)
-                join_shards(store, shard_files(cache_path))
-                plan = (dict(zip(store.column("photo_id"), store.column("split"))), store.done_ids(), _digest(photos), None)
+                self.store = FeatureStore.open_for_append(self.cache_path, self.identity, overwrite=self.options.overwrite, provenance=self.prov)
+                join_shards(self.store, shard_files(self.cache_path))
+                splits, todo = plan(self.store, self.photos, self.options)
+                ready = (splits, {p.photo_id for p in todo}, _digest(self.photos), None)
             except FeatkitError as e:
-                plan = (None, None, None, str(e))
-        existing, done, digest, error = _from_rank0(plan)
+                ready = (None, None, None, str(e))
+        splits, todo_ids, digest, error = _from_rank0(ready)
         if error:
             raise FeatkitError(error)
         error = None
-        if _digest(photos) != digest:  # a node that sees another photo set would shard wrongly
+        if _digest(self.photos) != digest:  # a node that sees another photo set would shard wrongly
             error = (
-                f"it sees another photo list than rank 0 ({len(photos)} photos); every node must read the same "
+                f"it sees another photo list than rank 0 ({len(self.photos)} photos); every node must read the same "
                 "photo source under the same path (a shared filesystem, or identical copies)"
             )
+        todo = sorted((p for p in self.photos if p.photo_id in todo_ids), key=lambda p: p.photo_id)
+        self.summary.n_already = len(self.photos) - len(todo)
+        return splits, (todo[self.rank :: self.world] if error is None else []), error
 
-        # 2. The same splits and the same sharding on every rank.
-        splits = assign_splits(photos, seed=seed, test_size=test_size, val_size=val_size, fixed=existing)
-        todo = sorted((p for p in photos if p.photo_id not in done), key=lambda p: p.photo_id)
-        mine = todo[rank::world] if error is None else []
-        summary.n_already = len(photos) - len(todo)
-
-        # 3. Each rank fills its own shard.
+    def _extract_own_shard(self, splits, mine, error):
+        """3. Each rank fills its own shard; then every rank learns how the others did."""
+        opts = self.options
+        if opts.workers is None:  # the node's cores shared among the ranks on it
+            workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+        else:
+            workers = opts.workers
         try:
             if mine:
                 # overwrite: any shard of an earlier run was joined in step 1
-                with FeatureStore.open_for_append(shard_path(cache_path, rank, world), identity, overwrite=True, provenance=prov) as shard:
-                    _run(mine, splits, net, spec.image_size, dev, shard, batch_size, num_workers, progress and rank == 0, summary, on_batch)
+                path = shard_path(self.cache_path, self.rank, self.world)
+                with FeatureStore.open_for_append(path, self.identity, overwrite=True, provenance=self.prov) as shard:
+                    bar = progress_bar(len(mine), opts.progress and self.rank == 0)
+                    try:
+                        batches = feature_batches(mine, self.net, self.spec.image_size, self.dev, batch_size=opts.batch_size, workers=workers)
+                        write_batches(shard, batches, splits, self.summary, progress=bar, on_batch=self.on_batch)
+                    finally:
+                        bar.close()
         except KeyboardInterrupt:
-            summary.interrupted = True
+            self.summary.interrupted = True
         except FeatkitError as e:
             error = str(e)
-        reports = [None] * world
-        dist.all_gather_object(reports, (summary.n_extracted, summary.n_skipped, summary.interrupted, error, bool(mine)))
+        s = self.summary
+        reports = [None] * self.world
+        dist.all_gather_object(reports, (s.n_extracted, s.n_skipped, s.interrupted, error, bool(mine)))
         for k, (_, _, _, err, _) in enumerate(reports):
             if err:
-                raise FeatkitError(f"rank {k} of {world} failed: {err} (the batches done are saved; rerun the same command to resume)")
-        summary.interrupted = any(r[2] for r in reports)
+                raise FeatkitError(f"rank {k} of {self.world} failed: {err} (the batches done are saved; rerun the same command to resume)")
+        s.interrupted = any(r[2] for r in reports)
+        return reports
 
-        # 4. Rank 0 joins the shards (an interrupted run leaves them for the next run to join).
+    def _join(self, reports) -> None:
+        """4. Rank 0 joins the shards (an interrupted run leaves them for the next run to join)."""
         result = None
-        if rank == 0:
+        if self.rank == 0:
             try:
-                if not summary.interrupted:
-                    shards = [shard_path(cache_path, k, world) for k, r in enumerate(reports) if r[4]]
+                if not self.summary.interrupted:
+                    shards = [shard_path(self.cache_path, k, self.world) for k, r in enumerate(reports) if r[4]]
                     for p in shards:
                         if not p.exists():
                             raise FeatkitError(
                                 f"shard file {p}, written by another rank, is not visible to rank 0; the cache folder must be "
                                 "on a filesystem all nodes share, under the same path; rerun the same command there to resume"
                             )
-                    join_shards(store, shards)
-                cities, split_col = list(store.column("city")), list(store.column("split"))
-                result = (store.n_rows, store.n_failed, split_counts(cities, split_col), None)
-                _write_failed_csv(store.failed(), failed_csv)
+                    join_shards(self.store, shards)
+                self.summary.finish(self.store)
+                result = (self.summary.n_total_rows, self.summary.n_total_failed, self.summary.split_counts, None)
             except FeatkitError as e:
                 result = (0, 0, {}, str(e))
         n_rows, n_failed, counts, error = _from_rank0(result)
         if error:
             raise FeatkitError(error)
-        summary.n_total_rows, summary.n_total_failed, summary.split_counts = n_rows, n_failed, counts
-        if rank == 0:  # the reporter speaks for the whole run
-            summary.n_extracted = sum(r[0] for r in reports)
-            summary.n_skipped = sum(r[1] for r in reports)
-        summary.seconds = time.perf_counter() - t0
-        return summary
-    finally:
-        if store is not None:
-            store.close()
+        s = self.summary
+        s.n_total_rows, s.n_total_failed, s.split_counts = n_rows, n_failed, counts
+        if self.rank == 0:  # the reporter speaks for the whole run
+            s.n_extracted = sum(r[0] for r in reports)
+            s.n_skipped = sum(r[1] for r in reports)

@@ -1,9 +1,17 @@
 """The one exception type the CLI turns into a clean one-line message."""
 
+from __future__ import annotations
+
 
 class FeatkitError(Exception):
     """A user-facing error: what was wrong, what was expected, how to fix it.
 
-    The CLI prints ``str(error)`` on one line and exits non-zero; library callers
-    can catch it like any exception.
+    The CLI prints it on one line and exits non-zero; library callers can
+    catch it like any exception. ``param`` names the Python parameter at fault
+    (``batch_size``); the message names it in backquotes (`batch_size`),
+    and the CLI shows the matching option (``--batch-size``) there instead.
     """
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param

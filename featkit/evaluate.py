@@ -1,37 +1,59 @@
-"""Per-city metrics of a head's predictions on the test split. Plain numpy: no torch, no h5py."""
+"""Every fitted head of a cache on the same test split: the numbers the report shows.
+
+Heads trained on another cache, another backbone or other cities are refused.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import time
+from pathlib import Path
+
+from featkit import __version__
+from featkit.errors import FeatkitError
+from featkit.heads import load_head
+from featkit.metrics import evaluate_predictions
+from featkit.provenance import provenance
+from featkit.splits import split_counts
+from featkit.store import FeatureStore, cache_file, check_identity, heads_dir
 
 
-def evaluate_predictions(cities: list[str], y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict:
-    """Accuracy overall, per city, macro and top-3, the confusion matrix, and predicted vs true share.
-
-    ``proba`` columns follow ``classes``; ``cities`` fixes the row/column order of
-    the confusion matrix (true city in rows, predicted in columns).
-    """
-    classes = [str(c) for c in classes]
-    col = {c: i for i, c in enumerate(classes)}
-    order = [col[c] for c in cities]
-    proba = np.asarray(proba)[:, order]  # columns now follow ``cities``
-    true_idx = np.array([cities.index(c) for c in y_true])
-    pred_idx = proba.argmax(axis=1)
-    n = len(cities)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (true_idx, pred_idx), 1)
-    k = min(3, n)
-    topk = np.argsort(-proba, axis=1)[:, :k]
-    top3 = float((topk == true_idx[:, None]).any(axis=1).mean()) if len(true_idx) else float("nan")
-    support = confusion.sum(axis=1)
-    per_city = {c: (float(confusion[i, i] / support[i]) if support[i] else float("nan")) for i, c in enumerate(cities)}
-    total = max(int(support.sum()), 1)
+def evaluate_heads(cache_dir: str | Path) -> dict:
+    """Evaluate every head in ``CACHE/heads`` on the cache's test split; the results the report is made of."""
+    cache_dir = Path(cache_dir)
+    paths = sorted(heads_dir(cache_dir).glob("*.joblib"))
+    if not paths:
+        raise FeatkitError(f"no fitted heads in {heads_dir(cache_dir)}; run `featkit fit --head all` first")
+    with FeatureStore.open(cache_file(cache_dir)) as store:
+        cities = store.cities()
+        Xte, yte, _ = store.load_split("test")
+        identity, cache_id = store.identity, store.cache_id
+        counts = split_counts(list(store.column("city")), list(store.column("split")))
+        backbone = store.provenance.get("backbone", "")
+    if len(yte) == 0:
+        raise FeatkitError("the cache's test split is empty; re-extract with a larger `test_size`", param="test_size")
+    heads = {}
+    for p in paths:
+        est, rec = load_head(p)
+        name = rec.get("head", p.stem)
+        check_identity(rec["cache_identity"], identity, f"head {name!r} ({p})", "refit it on this cache with `featkit fit`")
+        if rec["cities"] != cities or [str(c) for c in est.classes_] != cities:
+            raise FeatkitError(
+                f"head {name!r} ({p}) was trained on cities {', '.join(map(str, est.classes_))} but the cache holds "
+                f"{', '.join(cities)}; refit it with `featkit fit`"
+            )
+        if rec["cache_id"] != cache_id:
+            raise FeatkitError(f"head {name!r} ({p}) was trained on an earlier build of this cache (rebuilt with --overwrite since); refit it with `featkit fit`")
+        metrics = evaluate_predictions(cities, yte, est.predict_proba(Xte), est.classes_)
+        heads[name] = {**metrics, "val_score": rec["val_score"], "fit_seconds": rec["fit_seconds"], "chosen": rec["chosen"], "seed": rec["seed"]}
     return {
-        "accuracy": float(np.trace(confusion) / total),
-        "macro_accuracy": float(np.nanmean(list(per_city.values()))),
-        "top3": top3,
-        "per_city": per_city,
-        "confusion": confusion.tolist(),
-        "true_share": {c: float(support[i] / total) for i, c in enumerate(cities)},
-        "predicted_share": {c: float(confusion[:, i].sum() / total) for i, c in enumerate(cities)},
+        "cities": cities,
+        "heads": heads,
+        "n_test": {c: counts["test"].get(c, 0) for c in cities},
+        "split_counts": counts,
+        "cache_path": str(cache_file(cache_dir)),
+        "cache_id": cache_id,
+        "backbone": backbone,
+        "featkit": __version__,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "provenance": provenance(),
     }

@@ -21,7 +21,6 @@ test split. This module imports neither h5py nor torchvision.
 from __future__ import annotations
 
 import copy
-import os
 import time
 import warnings
 
@@ -38,56 +37,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featkit.atomic import atomic_path
+from featkit.blocks import ArrayBlocks
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-
-HEAD_NAMES = ("logreg", "mlp", "svm")
-
+from featkit.options import MLP
 
 # -- shared helpers ----------------------------------------------------------------------------
-def shuffled_segments(n: int, block_rows: int, rng: np.random.Generator | None, segment_rows: int = 64):
-    """Blocks over ``range(n)``, each a list of ``(start, stop)`` runs of ``segment_rows`` consecutive
-    rows, the runs in a shuffled order, about ``block_rows`` rows a block.
-
-    Rows on disk are in extraction order, often sorted by city; a block of
-    consecutive rows would hold one city, which wrecks stochastic training.
-    Gathering short runs from all over the data mixes cities in every block
-    while each run stays one contiguous (fast) read.
-    """
-    starts = np.arange(0, n, segment_rows)
-    if rng is not None:
-        starts = rng.permutation(starts)
-    per_block = max(1, block_rows // segment_rows)
-    for i in range(0, len(starts), per_block):
-        yield [(int(s), int(min(s + segment_rows, n))) for s in starts[i : i + per_block]]
-
-
-class ArrayBlocks:
-    """Training data held in memory, served the way :class:`featkit.pipeline.StoreBlocks` serves a cache.
-
-    With ``block_rows=None`` the whole array is one block (no copy); heads
-    then shuffle within it, which is a full shuffle.
-    """
-
-    def __init__(self, X: np.ndarray, y: np.ndarray, block_rows: int | None = None):
-        self.X, self.y, self.block_rows = X, np.asarray(y), block_rows
-
-    @property
-    def n_features(self) -> int:
-        return self.X.shape[1]
-
-    def labels(self) -> np.ndarray:
-        return self.y
-
-    def blocks(self, rng: np.random.Generator | None = None):
-        if self.block_rows is None or self.block_rows >= len(self.y):
-            yield self.X, self.y
-            return
-        for runs in shuffled_segments(len(self.y), self.block_rows, rng):
-            idx = np.concatenate([np.arange(a, b) for a, b in runs])
-            yield self.X[idx], self.y[idx]
-
-
 def _sub_blocks(X: np.ndarray, rows: int = 4096):
     for i in range(0, X.shape[0], rows):
         yield X[i : i + rows]
@@ -210,14 +166,14 @@ class MLPHead(_BlockTrained):
 
     def __init__(
         self,
-        hidden_layer_sizes=(1024,),
-        dropout=0.5,
-        alpha=0.0,
-        learning_rate_init=1e-3,
-        batch_size=128,
-        max_iter=100,
+        hidden_layer_sizes=MLP.hidden_layer_sizes,
+        dropout=MLP.dropout,
+        alpha=MLP.alpha,
+        learning_rate_init=MLP.learning_rate_init,
+        batch_size=MLP.batch_size,
+        max_iter=MLP.max_iter,
         early_stopping=True,
-        n_iter_no_change=7,
+        n_iter_no_change=MLP.n_iter_no_change,
         validation_fraction=0.1,
         device="auto",
         random_state=None,
@@ -253,6 +209,7 @@ class MLPHead(_BlockTrained):
             self._train(model, source, Xv, None if yv is None else _encode(self.classes_, yv), dev, seed)
         self.fit_seconds_ = time.perf_counter() - t0
         self.model_ = model.cpu().eval()
+        self.chosen_ = {"epochs": self.n_iter_, "best_epoch": getattr(self, "best_epoch_", self.n_iter_)}
         return self
 
     def _train(self, model, source, Xv, yv, dev, seed):
@@ -399,6 +356,7 @@ class LogRegHead(_LinearHead):
                 best_score, self.C_, self.model_ = (score, -loss), C, copy.deepcopy(m)
         self.n_passes_ = 1 + self.n_iter_  # moments, then one gradient pass per L-BFGS iteration
         self.best_validation_score_ = self.validation_scores_.get(self.C_)
+        self.chosen_ = {"C": self.C_}
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -456,6 +414,7 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
             if Xv is None or score > best_score:  # ties keep the larger alpha (stronger regularisation)
                 best_score, self.alpha_, best = score, alpha, copy.deepcopy(m)
         self.best_validation_score_ = self.validation_scores_.get(self.alpha_)
+        self.chosen_ = {"alpha": self.alpha_}
         self.svm_ = best
         self.model_ = self._calibrate(best, source, Xv, yv)
         self.fit_seconds_ = time.perf_counter() - t0
@@ -473,22 +432,36 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
         return CalibratedClassifierCV(FrozenEstimator(svm), method="sigmoid", cv=[(everything, everything)]).fit(Xv, yv)
 
 
-HEADS = {"logreg": LogRegHead, "mlp": MLPHead, "svm": LinearSVMHead}
-STREAMING_HEADS = ("mlp", "svm")
+# The registry: a new head is one estimator class above plus one line here. A head that also has
+# ``fit_blocks(source, X_val, y_val)`` can train from a cache larger than memory; every head sets
+# ``chosen_`` (the hyper-parameters its fit chose, for the saved record and the report).
+HEADS = {
+    "logreg": LogRegHead,
+    "mlp": MLPHead,
+    "svm": LinearSVMHead,
+}
+HEAD_NAMES = tuple(HEADS)
 
 
 def make_head(name: str, *, random_state: int | None = 0, **params) -> BaseEstimator:
-    """A fresh head by name: ``mlp``, ``logreg`` or ``svm``."""
+    """A fresh head by name (one of :data:`HEAD_NAMES`); ``params`` it does not take are refused."""
     if name not in HEADS:
         raise FeatkitError(f"unknown head {name!r}; choose one of: {', '.join(HEAD_NAMES)} (or all)")
     return HEADS[name](random_state=random_state, **params)
 
 
+def can_stream(head: BaseEstimator) -> bool:
+    """Whether ``head`` trains from a block source (a cache larger than memory)."""
+    return callable(getattr(head, "fit_blocks", None))
+
+
 def save_head(path, head: BaseEstimator, record: dict) -> None:
-    """Save a fitted head with joblib, together with what it was trained on (``record``)."""
-    tmp = f"{path}.tmp"
-    joblib.dump({"head": head, "record": record}, tmp)
-    os.replace(tmp, path)  # a killed save never leaves a half-written head under the real name
+    """Save a fitted head with joblib, together with what it was trained on (``record``).
+
+    Atomic: a killed save never leaves a half-written head under the real name.
+    """
+    with atomic_path(path) as tmp:
+        joblib.dump({"head": head, "record": record}, tmp)
 
 
 def load_head(path) -> tuple[BaseEstimator, dict]:

@@ -131,3 +131,21 @@ def render_jpeg(city: str, index: int, *, seed: int = 0, size: tuple[int, int] =
     Image.fromarray(render_array(city, index, seed=seed, size=size, variant=variant)).save(
         buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def write_photos(root, cities, per_city: int, *, seed: int = 0, size: tuple[int, int] = (320, 229)):
+    """Write ``root/<city>/<i>.jpg`` (``per_city`` generated photos each); return ``root`` as a Path.
+
+    Photos already there are kept, so a rerun writes nothing new.
+    """
+    from pathlib import Path
+
+    root = Path(root)
+    for city in cities:
+        folder = root / city
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_city):
+            path = folder / f"{i:05d}.jpg"
+            if not path.exists():
+                path.write_bytes(render_jpeg(city, i, seed=seed, size=size))
+    return root

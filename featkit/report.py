@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from featkit.atomic import atomic_path, atomic_write
 
 # The seed study's per-city test accuracy (VGG16 conv base + 1024-unit dense head, 500 test photos per city).
 STUDY_ACCURACY = {
@@ -26,12 +27,6 @@ STUDY_OVERALL = 0.610
 
 def _fmt(x) -> str:
     return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def render_markdown(results: dict) -> str:
@@ -109,10 +104,9 @@ def plot_confusion(confusion, cities: list[str], title: str, path: Path) -> None
         for j in range(n):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(results: dict, reports_dir: str | Path) -> dict[str, Path]:
@@ -124,6 +118,6 @@ def write_report(results: dict, reports_dir: str | Path) -> dict[str, Path]:
         p = out / f"confusion_{h}.png"
         plot_confusion(info["confusion"], results["cities"], f"{h}: accuracy {info['accuracy']:.3f}", p)
         paths[f"png_{h}"] = p
-    _atomic_write(paths["json"], json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
-    _atomic_write(paths["md"], render_markdown(results))
+    atomic_write(paths["json"], json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(paths["md"], render_markdown(results))
     return paths

@@ -9,6 +9,13 @@ Layout of ``features.h5``::
            counts), cache_id (a uuid, new on every --overwrite), featkit_version,
            created, provenance (JSON: argv, seed, versions, ...)
 
+File layout of a cache folder (every name is defined here and nowhere else)::
+
+    CACHE/features.h5                      the features (above)
+    CACHE/failed.csv                       photos that could not be read, for people
+    CACHE/heads/<head>.joblib              fitted heads
+    CACHE/features.h5.rank<k>-of-<n>.h5    a torchrun rank's part, until rank 0 joins it
+
 Rows beyond ``n_rows`` are leftovers of a batch that was being written when
 the process died; opening for append truncates them, so each photo is stored
 exactly once (the committed-row-count design from lhotse's feature writers).
@@ -16,7 +23,11 @@ exactly once (the committed-row-count design from lhotse's feature writers).
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -25,12 +36,44 @@ import h5py
 import numpy as np
 
 from featkit import __version__
+from featkit.atomic import atomic_write, fsync_file
+from featkit.blocks import shuffled_segments
 from featkit.errors import FeatkitError
+from featkit.options import DTYPES
 
+CACHE_FILE = "features.h5"
+FAILED_CSV = "failed.csv"
+HEADS_DIR = "heads"
 ROW_FIELDS = ("photo_id", "city", "split", "path", "owner")
 FAILED_FIELDS = ("photo_id", "path", "reason")
-DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
+
+
+def cache_file(cache_dir: str | Path) -> Path:
+    """``CACHE/features.h5``."""
+    return Path(cache_dir) / CACHE_FILE
+
+
+def heads_dir(cache_dir: str | Path) -> Path:
+    """``CACHE/heads``: where fitted heads are saved."""
+    return Path(cache_dir) / HEADS_DIR
+
+
+def shard_path(cache_path: str | Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` writes its part: ``<cache>.rank<k>-of-<n>.h5`` beside the cache."""
+    p = Path(cache_path)
+    return p.with_name(f"{p.name}.rank{rank}-of-{world_size}.h5")
+
+
+def shard_files(cache_path: str | Path) -> list[Path]:
+    """Shard files of this cache that exist now, from runs of any size."""
+    p = Path(cache_path)
+    return sorted(Path(s) for s in glob.glob(os.path.join(glob.escape(str(p.parent)), glob.escape(p.name) + ".rank*-of-*.h5")))
+
+
+def cache_identity(spec, dtype: str) -> dict:
+    """What a cache's features mean: the backbone spec's identity plus the stored dtype."""
+    return {**spec.identity(), "dtype": dtype}
 
 
 def _describe(identity: dict) -> str:
@@ -114,6 +157,7 @@ class FeatureStore:
         f.attrs["n_rows"] = 0
         f.attrs["n_failed"] = 0
         f.close()
+        fsync_file(tmp)
         tmp.replace(path)  # a half-created file never sits under the real name
         return cls(path, _h5open(path, "a"))
 
@@ -147,6 +191,15 @@ class FeatureStore:
     @property
     def provenance(self) -> dict:
         return json.loads(self.f.attrs.get("provenance", "{}"))
+
+    @property
+    def n_features(self) -> int:
+        """The width of a feature vector."""
+        return int(self.f["features"].shape[1])
+
+    def cities(self) -> list[str]:
+        """The cities of the stored photos, sorted."""
+        return sorted(set(self.column("city").tolist()))
 
     def column(self, name: str) -> np.ndarray:
         """A committed string column (photo_id, city, split, path, owner) as a numpy array of str."""
@@ -191,6 +244,23 @@ class FeatureStore:
         rows = self.split_rows(split)
         return self.read_features(rows, dtype=dtype), self.column("city")[rows], self.column("photo_id")[rows]
 
+    def blocks(self, split: str, block_rows: int = 4096) -> "StoreBlocks":
+        """One split as a block source (:mod:`featkit.blocks`), for heads that stream."""
+        return StoreBlocks(self, split, block_rows)
+
+    def write_failed_csv(self, path: str | Path) -> None:
+        """The recorded failures as a CSV for people (``photo_id, path, reason``); removed when there are none."""
+        path = Path(path)
+        failed = self.failed()
+        if not failed:
+            path.unlink(missing_ok=True)
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(FAILED_FIELDS), lineterminator="\n")
+        w.writeheader()
+        w.writerows(failed)
+        atomic_write(path, buf.getvalue())
+
     # -- writing ---------------------------------------------------------------------------
     def _truncate_uncommitted(self) -> None:
         n, nf = self.n_rows, self.n_failed
@@ -229,6 +299,29 @@ class FeatureStore:
 
     def _before_commit(self) -> None:
         """A seam for tests: raising here simulates a crash between the data write and the commit."""
+
+
+class StoreBlocks:
+    """One split of the cache as a block source (see :mod:`featkit.blocks`).
+
+    Each pass reads the split once, in blocks gathered from short runs of rows
+    in a shuffled order (:func:`featkit.blocks.shuffled_segments`); only one
+    block (``block_rows`` x features, float32) is in memory at a time.
+    """
+
+    def __init__(self, store: FeatureStore, split: str, block_rows: int = 4096):
+        self.store, self.block_rows = store, block_rows
+        self.rows = store.split_rows(split)
+        self.y = store.column("city")[self.rows]
+        self.n_features = store.n_features
+
+    def labels(self) -> np.ndarray:
+        return self.y
+
+    def blocks(self, rng: np.random.Generator | None = None):
+        for runs in shuffled_segments(len(self.rows), self.block_rows, rng):
+            X = np.concatenate([self.store.read_features(self.rows[a:b]) for a, b in runs])
+            yield X, np.concatenate([self.y[a:b] for a, b in runs])
 
 
 def _h5open(path: Path, mode: str) -> h5py.File:

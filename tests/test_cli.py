@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cli import app
+from featkit.cli import app
 from conftest import FAST, make_photos
 
 

@@ -6,22 +6,26 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.distributed as dist
 
-from cli import app
+from featkit.cli import app
 from conftest import FAST, make_photos
 from featkit.backbones import load_backbone
-from featkit.distributed import extract_distributed, join_shards, shard_files, shard_path
+from featkit.distributed import Ranks, extract_distributed, join_shards
+from featkit.options import ExtractOptions
+from featkit.store import shard_files, shard_path
 from featkit.errors import FeatkitError
-from featkit.extract import extract_features
+from featkit.extraction import extract_features
 from featkit.manifest import scan_photos
 from featkit.store import FeatureStore
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+ONE_RANK = Ranks(rank=0, local_rank=0, world_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +110,10 @@ def _killed_run(root: Path, cache: Path, backbone):
     photos = scan_photos(root)
     good = [p for p in photos if p.photo_id != "Paris/empty.jpg"]
     broken = [p for p in photos if p.photo_id == "Paris/empty.jpg"]
-    kw = {"batch_size": 4, "num_workers": 0, "progress": False, "test_size": 0, "val_size": 0}  # all train: tiny subsets
-    extract_features(good[:4], net, spec, cache, **kw)
-    extract_features(good[4:10], net, spec, shard_path(cache, 0, 2), **kw)
-    extract_features(good[8:12] + broken, net, spec, shard_path(cache, 1, 2), **kw)
+    kw = ExtractOptions(batch_size=4, workers=0, progress=False, test_size=0, val_size=0)  # all train: tiny subsets
+    extract_features(good[:4], net, spec, cache, kw)
+    extract_features(good[4:10], net, spec, shard_path(cache, 0, 2), kw)
+    extract_features(good[8:12] + broken, net, spec, shard_path(cache, 1, 2), kw)
     return photos, good
 
 
@@ -121,7 +125,7 @@ def test_next_run_joins_a_killed_runs_shards_first(tmp_path, backbone, one_rank_
     shard0 = _contents(shard_path(cache, 0, 2))[0]
 
     net, spec = backbone
-    s = extract_distributed(photos, net, spec, cache, rank=0, local_rank=0, world_size=1, batch_size=4, num_workers=0, progress=False)
+    s = extract_distributed(photos, net, spec, cache, ExtractOptions(batch_size=4, workers=0, progress=False), ONE_RANK)
     assert (s.n_already, s.n_extracted, s.n_skipped) == (4 + 8 + 1, 6, 0)
     assert (s.n_total_rows, s.n_total_failed) == (18, 1) and s.reporter
     assert shard_files(cache) == []
@@ -165,9 +169,9 @@ def test_shard_of_another_backbone_refused(tmp_path, backbone):
     net, spec = backbone
     photos = scan_photos(root)
     cache = tmp_path / "features.h5"
-    kw = {"num_workers": 0, "progress": False, "test_size": 0, "val_size": 0}
-    extract_features(photos[:2], net, spec, cache, **kw)
-    extract_features(photos[2:], net, spec, shard_path(cache, 1, 2), dtype="float32", **kw)
+    kw = ExtractOptions(workers=0, progress=False, test_size=0, val_size=0)
+    extract_features(photos[:2], net, spec, cache, kw)
+    extract_features(photos[2:], net, spec, shard_path(cache, 1, 2), replace(kw, dtype="float32"))
     with FeatureStore.open_for_append(cache, FeatureStore.open(cache).identity) as store:
         with pytest.raises(FeatkitError, match=r"shard file .*rank1-of-2\.h5 was built with .*differs in: dtype.*--overwrite"):
             join_shards(store, shard_files(cache))
@@ -177,19 +181,16 @@ def test_rank0_error_reaches_every_rank_as_one_line(tmp_path, backbone, one_rank
     root = make_photos(tmp_path / "photos", cities=("Paris", "Tokyo"), n=3)
     net, spec = backbone
     cache = tmp_path / "features.h5"
-    extract_features(scan_photos(root), net, spec, cache, dtype="float32", num_workers=0, progress=False, test_size=1, val_size=1)
+    extract_features(scan_photos(root), net, spec, cache, ExtractOptions(dtype="float32", workers=0, progress=False, test_size=1, val_size=1))
     with pytest.raises(FeatkitError, match=r"^feature cache .* was built with .*differs in: dtype.*--overwrite") as e:
-        extract_distributed(scan_photos(root), net, spec, cache, rank=0, local_rank=0, world_size=1, num_workers=0, progress=False, test_size=1, val_size=1)
+        extract_distributed(scan_photos(root), net, spec, cache, ExtractOptions(workers=0, progress=False, test_size=1, val_size=1), ONE_RANK)
     assert "\n" not in str(e.value)
-    s = extract_distributed(
-        scan_photos(root), net, spec, cache, rank=0, local_rank=0, world_size=1, num_workers=0, progress=False,
-        test_size=1, val_size=1, overwrite=True,
-    )
+    s = extract_distributed(scan_photos(root), net, spec, cache, ExtractOptions(workers=0, progress=False, test_size=1, val_size=1, overwrite=True), ONE_RANK)
     assert s.n_extracted == 6 and FeatureStore.open(cache).identity["dtype"] == "float16"
 
 
 def test_a_failing_rank_fails_the_run_in_one_line(tmp_path, backbone, one_rank_group, monkeypatch):
-    import featkit.extract
+    import featkit.distributed
 
     root = make_photos(tmp_path / "photos", cities=("Paris", "Tokyo"), n=3)
     net, spec = backbone
@@ -197,6 +198,6 @@ def test_a_failing_rank_fails_the_run_in_one_line(tmp_path, backbone, one_rank_g
     def disk_full(*args, **kwargs):
         raise FeatkitError("disk full")
 
-    monkeypatch.setattr(featkit.extract, "_run", disk_full)
+    monkeypatch.setattr(featkit.distributed, "write_batches", disk_full)
     with pytest.raises(FeatkitError, match=r"^rank 0 of 1 failed: disk full \(.*rerun the same command to resume\)$"):
-        extract_distributed(scan_photos(root), net, spec, tmp_path / "features.h5", rank=0, local_rank=0, world_size=1, num_workers=0, progress=False, test_size=1, val_size=1)
+        extract_distributed(scan_photos(root), net, spec, tmp_path / "features.h5", ExtractOptions(workers=0, progress=False, test_size=1, val_size=1), ONE_RANK)

@@ -15,9 +15,10 @@ from PIL import Image
 
 from conftest import REPO, make_photos
 from featkit.backbones import load_backbone
-from featkit.extract import extract_features
+from featkit.extraction import extract_features
 from featkit.images import UnreadableImage, load_image
 from featkit.manifest import scan_photos
+from featkit.options import ExtractOptions
 from featkit.store import FeatureStore
 
 
@@ -26,10 +27,10 @@ def backbone():
     return load_backbone("random", image_size=32)
 
 
-def _extract(photos_dir, cache, backbone, **kw):
+def _extract(photos_dir, cache, backbone, on_batch=None, **kw):
     net, spec = backbone
-    kw = {"batch_size": 4, "num_workers": 0, "progress": False, **kw}
-    return extract_features(scan_photos(photos_dir), net, spec, cache, **kw)
+    kw = {"batch_size": 4, "workers": 0, "progress": False, **kw}
+    return extract_features(scan_photos(photos_dir), net, spec, cache, ExtractOptions(**kw), on_batch=on_batch)
 
 
 def _assert_exactly_once(cache: Path, photos_dir: Path):
@@ -127,8 +128,9 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from featkit.backbones import load_backbone
-    from featkit.extract import extract_features
+    from featkit.extraction import extract_features
     from featkit.manifest import scan_photos
+    from featkit.options import ExtractOptions
     from featkit.store import FeatureStore
 
     root, cache, when, after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -145,7 +147,7 @@ KILLER = textwrap.dedent(
     else:  # right after a commit
         hook = kill
     net, spec = load_backbone("random", image_size=32)
-    extract_features(scan_photos(root), net, spec, cache, batch_size=4, num_workers=0, progress=False, on_batch=hook)
+    extract_features(scan_photos(root), net, spec, cache, ExtractOptions(batch_size=4, workers=0, progress=False), on_batch=hook)
     """
 )
 
@@ -165,7 +167,7 @@ def test_float32_option_and_avg_pooling(tmp_path):
     root = make_photos(tmp_path / "photos", cities=("Paris", "Tokyo"), n=5)
     net, spec = load_backbone("random", image_size=64, pooling="avg")
     cache = tmp_path / "c.h5"
-    extract_features(scan_photos(root), net, spec, cache, dtype="float32", num_workers=0, progress=False, test_size=1, val_size=1)
+    extract_features(scan_photos(root), net, spec, cache, ExtractOptions(dtype="float32", workers=0, progress=False, test_size=1, val_size=1))
     with FeatureStore.open(cache) as s:
         assert s.f["features"].dtype == np.float32 and s.f["features"].shape == (10, 512)
         ident = s.identity

@@ -8,7 +8,8 @@ from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from featkit.heads import ArrayBlocks, LinearSVMHead, LogRegHead, MLPHead, column_moments, make_head, shuffled_segments, standardize
+from featkit.blocks import ArrayBlocks, shuffled_segments
+from featkit.heads import LinearSVMHead, LogRegHead, MLPHead, column_moments, make_head, standardize
 from featkit.errors import FeatkitError
 
 SMALL = [

@@ -1,0 +1,91 @@
+"""featkit in a few calls, for notebooks and scripts; the ``featkit`` command calls these too.
+
+    import featkit
+    featkit.extract("photos/", "cache", weights="vgg16_features.pth")
+    featkit.fit("cache", head="all")
+    results = featkit.compare("cache", "reports")
+
+Defaults come from :mod:`featkit.options` (the CLI shows the same ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from featkit.options import BACKBONE, EXTRACT, BackboneOptions, ExtractOptions
+
+
+def extract(
+    source: str | Path,
+    cache_dir: str | Path = "cache",
+    *,
+    backbone: BackboneOptions = BACKBONE,
+    options: ExtractOptions = EXTRACT,
+    on_batch: Callable[[int], None] | None = None,
+    **overrides,
+):
+    """Run the photos of ``source`` (a folder with one sub-folder per city, or a manifest CSV)
+    once through the frozen backbone into ``cache_dir/features.h5``; returns an ``ExtractSummary``.
+
+    ``overrides`` set fields of ``backbone`` or ``options`` by name
+    (``weights=PATH, batch_size=32, device="cuda"``). Under torchrun every
+    process calls this with the same arguments and the photos are sharded.
+    """
+    from featkit.backbones import load_backbone
+    from featkit.devices import resolve_device
+    from featkit.distributed import extract_distributed, torchrun_env
+    from featkit.extraction import extract_features
+    from featkit.manifest import scan_photos
+    from featkit.store import cache_file
+
+    backbone, options = _split_overrides(backbone, options, overrides)
+    resolve_device(options.device)  # fail on a missing GPU before loading anything
+    photos = scan_photos(source)
+    net, spec = load_backbone(backbone.weights, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.seed)
+    path = cache_file(cache_dir)
+    ranks = torchrun_env()
+    if ranks is not None:
+        return extract_distributed(photos, net, spec, path, options, ranks, on_batch=on_batch)
+    return extract_features(photos, net, spec, path, options, on_batch=on_batch)
+
+
+def _split_overrides(backbone: BackboneOptions, options: ExtractOptions, overrides: dict):
+    from dataclasses import fields
+
+    from featkit.errors import FeatkitError
+
+    b_names = {f.name for f in fields(BackboneOptions)}
+    o_names = {f.name for f in fields(ExtractOptions)}
+    unknown = sorted(set(overrides) - b_names - o_names)
+    if unknown:
+        raise FeatkitError(f"unknown option(s) {', '.join(unknown)}; choose from: {', '.join(sorted(b_names | o_names))}")
+    backbone = replace(backbone, **{k: v for k, v in overrides.items() if k in b_names})
+    options = replace(options, **{k: v for k, v in overrides.items() if k in o_names})
+    return backbone, options
+
+
+def fit(
+    cache_dir: str | Path = "cache",
+    head: str = "all",
+    *,
+    seed: int = EXTRACT.seed,
+    device: str = EXTRACT.device,
+    params: dict[str, dict] | None = None,
+    stream: str = "auto",
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train heads (``mlp``, ``logreg``, ``svm``, a comma list, or ``all``) on the cache; returns their records."""
+    from featkit.training import fit_heads
+
+    return fit_heads(cache_dir, head, seed=seed, device=device, params=params, stream=stream, log=log)
+
+
+def compare(cache_dir: str | Path = "cache", reports_dir: str | Path = "reports") -> tuple[dict, dict[str, Path]]:
+    """Evaluate every fitted head on the cache's test split and write the report; returns ``(results, paths)``."""
+    from featkit.evaluate import evaluate_heads
+    from featkit.report import write_report
+
+    results = evaluate_heads(cache_dir)
+    return results, write_report(results, reports_dir)

@@ -1,0 +1,206 @@
+"""The ``featkit`` command: each command resolves paths, calls one library function, prints a one-line
+summary, and turns library errors into a clean message and exit code.
+
+Option defaults are read from :mod:`featkit.options` (written once, in the
+library), and option names mirror the Python names in kebab-case.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featkit.errors import FeatkitError
+from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, EXTRACT, MLP
+
+app = typer.Typer(
+    help="Learn where a photo was taken: extract frozen VGG16 features once, fit heads, compare them per city.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CacheOpt = typer.Option("cache", "--cache", envvar="FEATKIT_CACHE", help="Folder of the feature cache, fitted heads and downloads.")
+ReportsOpt = typer.Option("reports", "--reports", envvar="FEATKIT_REPORTS", help="Folder the comparison report is written to.")
+DeviceOpt = typer.Option(EXTRACT.device, "--device", help="auto (CUDA when present), cpu, or cuda[:N].")
+SeedOpt = typer.Option(EXTRACT.seed, "--seed", help="Seed for splits, weights init and training; the same seed gives the same result.")
+ProgressOpt = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress bars on stderr.")
+
+
+def flag(param: str) -> str:
+    """The command-line spelling of a Python parameter: ``batch_size`` -> ``--batch-size``."""
+    return "--" + param.replace("_", "-")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def clean_errors(fn):
+    """User mistakes and interruptions end with one line on stderr and a non-zero exit, never a traceback.
+
+    A library error about a parameter names it the Python way (`batch_size`); here it is named as the option (--batch-size).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FeatkitError as e:
+            msg = str(e)
+            if e.param:
+                msg = msg.replace(f"`{e.param}`", flag(e.param))
+            fail(msg)
+        except KeyboardInterrupt:
+            fail("interrupted; work done so far is saved, rerun the same command to resume", 130)
+
+    return wrapper
+
+
+@app.command()
+@clean_errors
+def download(
+    per_city: int = typer.Option(4000, "--per-city", help="Photos to keep per city (past Flickr's ~4,000-per-query cap via taken-date windows)."),
+    cities: Optional[str] = typer.Option(None, "--cities", help="Comma list of default cities (e.g. London,Paris) or a .toml file of your own; default: the study's ten."),
+    out: Path = CacheOpt,
+    query: str = typer.Option("{city} streets", "--query", help="Search text template; {city} is replaced by each city's query."),
+    license: str = typer.Option("any", "--license", help="any, cc, cc-commercial, public-domain, or Flickr licence ids (e.g. 4,5,9)."),
+    has_geo: bool = typer.Option(False, "--has-geo", help="Only geotagged photos."),
+    min_size: int = typer.Option(0, "--min-size", help="Reject images whose shorter side is below this many pixels."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", envvar="FEATKIT_FLICKR_ENDPOINT", help="Flickr REST URL (a proxy, mirror or local fake)."),
+    workers: int = typer.Option(4, "--workers", help="Concurrent image downloads."),
+    min_interval: float = typer.Option(1.0, "--min-interval", help="Seconds between Flickr API calls (Flickr allows 3,600 an hour)."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Download city photos from Flickr into CACHE/images/<city>/ and CACHE/manifest.csv (resumable)."""
+    from featkit.cities import load_cities
+    from featkit.collect import download_photos, resolve_credentials
+
+    city_list = load_cities(cities)
+    key, secret = resolve_credentials()
+    s = download_photos(
+        city_list, out, per_city, api_key=key, api_secret=secret, endpoint=endpoint, query_template=query,
+        license=license, has_geo=has_geo, min_size=min_size, min_interval_s=min_interval, workers=workers,
+        progress=progress, log=lambda m: typer.echo(m, err=True),
+    )
+    for line in s.lines():
+        typer.echo(line)
+    typer.echo(str(s))
+
+
+@app.command()
+@clean_errors
+def extract(
+    source: Path = typer.Argument(..., help="Folder with one sub-folder per city, or a manifest CSV (photo_id, city, path[, owner])."),
+    cache: Path = CacheOpt,
+    device: str = DeviceOpt,
+    weights: Optional[str] = typer.Option(BACKBONE.weights, "--weights", help="State_dict file for vgg16().features or vgg16(); default: torchvision's ImageNet weights; 'random' for seeded random weights."),
+    pooling: str = typer.Option(BACKBONE.pooling, "--pooling", help="flatten: 512x7x7 = 25,088 values (the study's); avg: 512."),
+    image_size: int = typer.Option(BACKBONE.image_size, "--image-size", help="Square input size (multiple of 32)."),
+    dtype: str = typer.Option(EXTRACT.dtype, "--dtype", help="Stored feature dtype: float16 or float32."),
+    batch_size: int = typer.Option(EXTRACT.batch_size, "--batch-size"),
+    workers: Optional[int] = typer.Option(EXTRACT.workers, "--workers", help="Image-decoding worker processes (default: cores - 1)."),
+    seed: int = SeedOpt,
+    test_size: float = typer.Option(EXTRACT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),
+    val_size: float = typer.Option(EXTRACT.val_size, "--val-size", help="Validation photos per city: a count or a fraction."),
+    overwrite: bool = typer.Option(EXTRACT.overwrite, "--overwrite", help="Start the cache again instead of appending."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Run the photos once through VGG16's frozen conv base into CACHE/features.h5 (resumable)."""
+    from featkit.api import extract as extract_photos
+
+    s = extract_photos(
+        source, cache, weights=weights, pooling=pooling, image_size=image_size, device=device, batch_size=batch_size,
+        workers=workers, dtype=dtype, seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, progress=progress,
+    )
+    if s.reporter:  # under torchrun only rank 0 prints
+        typer.echo(s.line())
+        sizes = ", ".join(f"{k} {sum(v.values())}" for k, v in s.split_counts.items())
+        typer.echo(f"splits: {sizes} -> {s.cache_path}")
+    if s.interrupted:
+        fail("interrupted; the batches done are saved, rerun the same command to resume", 130)
+
+
+@app.command()
+@clean_errors
+def fit(
+    head: str = typer.Option("all", "--head", help="mlp, logreg, svm, a comma list, or all."),
+    cache: Path = CacheOpt,
+    device: str = DeviceOpt,
+    seed: int = SeedOpt,
+    max_iter: int = typer.Option(MLP.max_iter, "--max-iter", "--epochs", help="MLP: most epochs (early stopping usually ends sooner)."),
+    n_iter_no_change: int = typer.Option(MLP.n_iter_no_change, "--n-iter-no-change", "--patience", help="MLP: epochs without improvement before stopping (the study's 7)."),
+    hidden_layer_sizes: int = typer.Option(MLP.hidden_layer_sizes[0], "--hidden-layer-sizes", "--hidden", help="MLP: hidden units."),
+    dropout: float = typer.Option(MLP.dropout, "--dropout", help="MLP: dropout rate."),
+    alpha: float = typer.Option(MLP.alpha, "--alpha", help="MLP: L2 weight decay."),
+    learning_rate_init: float = typer.Option(MLP.learning_rate_init, "--learning-rate-init", "--lr", help="MLP: Adam learning rate."),
+    batch_size: int = typer.Option(MLP.batch_size, "--batch-size", help="MLP: mini-batch size."),
+    stream: str = typer.Option("auto", "--stream", help="yes: train the heads that can from shuffled blocks of the cache (larger than memory); no: load it; auto: stream when it would take over half the free memory."),
+) -> None:
+    """Train heads on the cached features (train split; val split for early stopping and choices)."""
+    from featkit.api import fit as fit_heads
+    from featkit.devices import resolve_device
+    from featkit.training import resolve_heads
+
+    resolve_heads(head)
+    resolve_device(device)
+    mlp = {
+        "max_iter": max_iter, "n_iter_no_change": n_iter_no_change, "hidden_layer_sizes": (hidden_layer_sizes,), "dropout": dropout,
+        "alpha": alpha, "learning_rate_init": learning_rate_init, "batch_size": batch_size,
+    }
+    records = fit_heads(cache, head, seed=seed, device=device, params={"mlp": mlp}, stream=stream, log=typer.echo)
+    typer.echo(f"{len(records)} head(s) fitted -> {cache / 'heads'}")
+
+
+@app.command()
+@clean_errors
+def compare(cache: Path = CacheOpt, reports: Path = ReportsOpt) -> None:
+    """Evaluate every fitted head on the same test split; write compare.md, compare.json and confusion PNGs."""
+    from featkit.api import compare as compare_heads
+
+    results, paths = compare_heads(cache, reports)
+    best = max(results["heads"].items(), key=lambda kv: kv[1]["accuracy"])
+    summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
+    typer.echo(f"test accuracy: {summary} (best: {best[0]}) -> {paths['md']}")
+
+
+@app.command()
+@clean_errors
+def demo(
+    cache: Path = CacheOpt,
+    reports: Path = ReportsOpt,
+    weights: Optional[str] = typer.Option(DEMO_WEIGHTS, "--weights", help="'random' (offline default), a state_dict file for vgg16().features / vgg16(), or 'torchvision' for torchvision's ImageNet weights."),
+    cities: str = typer.Option(DEMO_CITIES, "--cities", help="Which of the default cities to generate photos of."),
+    per_city: int = typer.Option(DEMO_PER_CITY, "--per-city", help="Generated photos per city."),
+    image_size: int = typer.Option(BACKBONE.image_size, "--image-size"),
+    device: str = DeviceOpt,
+    seed: int = SeedOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """The whole job offline in minutes: generated photos of a few cities written to CACHE/demo/photos,
+    extracted, three heads fitted and compared (outputs under CACHE/demo, REPORTS/demo)."""
+    from featkit.demo import run_demo
+    from featkit.devices import resolve_device
+
+    resolve_device(device)
+    results, paths = run_demo(
+        cache / "demo", reports / "demo", cities=cities, per_city=per_city, weights=None if weights == "torchvision" else weights,
+        image_size=image_size, device=device, seed=seed, progress=progress, log=lambda m: typer.echo(m, err=True),
+    )
+    summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
+    chance = 1 / len(results["cities"])
+    typer.echo(f"demo done: test accuracy {summary} (chance {chance:.3f}) on GENERATED photos of {', '.join(results['cities'])}, not real ones")
+    typer.echo(f"report: {paths['md']} (and compare.json, confusion_*.png beside it); features and heads: {cache / 'demo'}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

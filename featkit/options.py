@@ -1,0 +1,84 @@
+"""Every user-facing default, written once.
+
+The library's functions and classes take their defaults from these frozen
+dataclasses, and the ``featkit`` command reads them for its options (``--batch-size``
+mirrors ``batch_size``), so a default is never typed twice. This module
+imports nothing heavy, so ``featkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from featkit.errors import FeatkitError
+
+DTYPES = ("float16", "float32")  # how features are stored in the cache
+
+
+def _check_size(name: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise FeatkitError(f"`{name}` must be a count (e.g. 500) or a fraction below 1; got {value}", param=name)
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """Which frozen features: weights (None: torchvision's ImageNet weights; a path; ``random``), pooling, input size."""
+
+    weights: str | None = None
+    pooling: str = "flatten"
+    image_size: int = 224
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How one extraction runs; the same object drives a single process and every torchrun rank."""
+
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None  # image-decoding worker processes; None: cores - 1 (at most 8)
+    dtype: str = "float16"
+    seed: int = 0
+    test_size: float = 0.125
+    val_size: float = 0.1
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise FeatkitError(f"unknown `dtype` {self.dtype!r}; choose one of: {', '.join(DTYPES)}", param="dtype")
+        if self.batch_size < 1:
+            raise FeatkitError(f"`batch_size` must be at least 1; got {self.batch_size}", param="batch_size")
+        if self.workers is not None and self.workers < 0:
+            raise FeatkitError(f"`workers` must be 0 (decode in the main process) or more; got {self.workers}", param="workers")
+        _check_size("test_size", self.test_size)
+        _check_size("val_size", self.val_size)
+
+
+
+@dataclass(frozen=True)
+class MLPOptions:
+    """The MLP head's defaults (names as in scikit-learn's ``MLPClassifier``)."""
+
+    hidden_layer_sizes: tuple[int, ...] = (1024,)
+    dropout: float = 0.5
+    alpha: float = 0.0
+    learning_rate_init: float = 1e-3
+    batch_size: int = 128
+    max_iter: int = 100
+    n_iter_no_change: int = 7
+
+
+def defaults(cls) -> dict:
+    """``{field: default}`` of an options dataclass."""
+    return {f.name: f.default for f in fields(cls)}
+
+
+EXTRACT = ExtractOptions()
+BACKBONE = BackboneOptions()
+MLP = MLPOptions()
+
+# featkit demo: generated photos of a few cities, random weights (offline), a capped MLP.
+DEMO_CITIES = "Paris,Tokyo,London,New York"
+DEMO_PER_CITY = 40
+DEMO_WEIGHTS = "random"

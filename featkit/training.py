@@ -1,0 +1,131 @@
+"""Fit heads on a feature cache: the train split to learn, the val split to choose; the test split is never read.
+
+Which heads exist is :data:`featkit.heads.HEADS`; nothing here names a head.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from featkit.errors import FeatkitError
+from featkit.heads import HEAD_NAMES, can_stream, make_head, save_head
+from featkit.provenance import provenance
+from featkit.store import FeatureStore, cache_file, heads_dir
+
+STREAM_CHOICES = ("auto", "yes", "no")
+
+
+def resolve_heads(head: str) -> list[str]:
+    """``all`` or a comma list of names -> the list of head names; unknown names are refused with the choices."""
+    if head == "all":
+        return list(HEAD_NAMES)
+    names = [h.strip() for h in head.split(",") if h.strip()]
+    bad = [h for h in names if h not in HEAD_NAMES]
+    if bad or not names:
+        raise FeatkitError(f"unknown head {', '.join(bad) or head!r}; choose one of: {', '.join(HEAD_NAMES)}, all")
+    return names
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def should_stream(n_rows: int, n_features: int, stream: str = "auto") -> bool:
+    """``auto``: stream when the float32 training matrix would take over half the available memory."""
+    if stream not in STREAM_CHOICES:
+        raise FeatkitError(f"unknown `stream` {stream!r}; choose one of: {', '.join(STREAM_CHOICES)}", param="stream")
+    if stream != "auto":
+        return stream == "yes"
+    return n_rows * n_features * 4 > _available_bytes() // 2
+
+
+def fit_heads(
+    cache_dir: str | Path,
+    head: str = "all",
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    params: dict[str, dict] | None = None,
+    stream: str = "auto",
+    block_rows: int = 4096,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train the named heads on the cache's train split (val split for early stopping / choices) and save them.
+
+    ``params`` maps a head name to its parameters (``{"mlp": {"max_iter": 50}}``).
+    In memory (the default when it fits) the float32 training matrix is read
+    once and shared; a head that can standardise it in place (``copy``) runs
+    last and does so. Streaming (``stream="yes"``, or ``auto`` on a cache
+    larger than half the free memory) trains the heads that can from shuffled
+    blocks of the cache; the others still load it.
+    """
+    names = resolve_heads(head)
+    params = params or {}
+    cache_dir = Path(cache_dir)
+    out = heads_dir(cache_dir)
+    records = []
+    with FeatureStore.open(cache_file(cache_dir)) as store:
+        cities = store.cities()
+        train_rows = store.split_rows("train")
+        if len(set(store.column("city")[train_rows].tolist())) < 2:
+            raise FeatkitError("the cache's train split holds fewer than two cities; extract photos of at least two cities")
+        streaming = should_stream(len(train_rows), store.n_features, stream)
+        heads = {n: make_head(n, random_state=seed, **params.get(n, {})) for n in names}  # bad parameters fail before any work
+        streamed = {n for n, h in heads.items() if streaming and can_stream(h)}
+        # One head that can standardise the shared training matrix in place (``copy``) does so, and runs last.
+        in_place = [n for n in names if n not in streamed and "copy" in heads[n].get_params()][-1:]
+        names = [n for n in names if n not in in_place] + in_place
+        Xva, yva, _ = store.load_split("val")
+        if len(yva) == 0:
+            Xva = yva = None
+        Xtr = ytr = None
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            est = heads[name]
+            if "device" in est.get_params():
+                est.set_params(device=device)
+            if name in in_place:
+                est.set_params(copy=False)
+            t0 = time.perf_counter()
+            if name in streamed:
+                est.fit_blocks(store.blocks("train", block_rows), Xva, yva)
+                how = "streamed"
+            else:
+                if Xtr is None:
+                    Xtr, ytr, _ = store.load_split("train")
+                est.fit(Xtr, ytr, Xva, yva)
+                how = "in memory"
+            seconds = time.perf_counter() - t0
+            val_score = float(est.score(Xva, yva)) if yva is not None else None
+            record = {
+                "head": name,
+                "cache_id": store.cache_id,
+                "cache_identity": store.identity,
+                "cities": cities,
+                "params": est.get_params(),
+                "chosen": dict(est.chosen_),
+                "val_score": val_score,
+                "seed": seed,
+                "fit_seconds": seconds,
+                "training": how,
+                "passes": int(getattr(est, "n_passes_", 0)),
+                "n_train": int(len(train_rows)),
+                "n_val": int(0 if yva is None else len(yva)),
+                "provenance": provenance(seed=seed, device=device),
+            }
+            path = out / f"{name}.joblib"
+            save_head(path, est, record)
+            records.append(record)
+            chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())
+            log(f"{name}: val accuracy {_pct(val_score)} in {seconds:.1f}s, {how}, {record['passes']} passes ({chosen}) -> {path}")
+    return records
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{x:.3f}"
