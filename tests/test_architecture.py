@@ -120,3 +120,55 @@ def test_cli_option_names_mirror_python_names():
             if decls and any(d.startswith("--") for d in decls):
                 first = [d for d in decls if d.startswith("--")][0].split("/")[0]
                 assert first == "--" + name.replace("_", "-"), (command.__name__, name, decls)
+
+
+# What featkit's code uses, and the first release that has it. A floor in pyproject.toml below
+# one of these would let pip install a version that cannot run featkit.
+NEEDS = {
+    "python": ("3.11", "tomllib (cities and credentials files)"),
+    "numpy": ("2.0", "np.bitwise_count (near-duplicate search)"),
+    "torch": ("2.4", "torch.optim.Adam(fused=True) on CPU (the MLP head)"),
+    "torchvision": ("0.19", "the release paired with torch 2.4"),
+    "scikit-learn": ("1.6", "sklearn.frozen.FrozenEstimator, sklearn.utils.validation.validate_data"),
+}
+
+
+def _floors() -> dict[str, str]:
+    import re
+    import tomllib
+
+    project = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["project"]
+    floors = {"python": project["requires-python"].removeprefix(">=")}
+    for dep in project["dependencies"]:
+        m = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", dep)
+        if m:
+            floors[m.group(1).lower()] = m.group(2)
+    return floors
+
+
+def test_declared_floors_are_what_the_code_needs():
+    def v(s):
+        return tuple(int(x) for x in s.split("."))
+
+    floors = _floors()
+    for name, (need, why) in NEEDS.items():
+        assert name in floors, f"{name} has no floor in pyproject.toml"
+        assert v(floors[name]) >= v(need), f"{name}>={floors[name]} is declared, but featkit uses {why} (needs {need})"
+
+
+def test_every_imported_third_party_package_is_declared():
+    """A module featkit imports must be a declared dependency (not something another package happens to bring)."""
+    import sys as _sys
+
+    declared = set(_floors())
+    dist_of = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+    stdlib = set(_sys.stdlib_module_names)
+    used = set()
+    for m, tree in _modules().items():
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for n in names:
+                top = n.split(".")[0]
+                if top not in stdlib and top != "featkit":
+                    used.add(dist_of.get(top, top).lower())
+    assert used - declared == set(), f"imported but not declared in pyproject.toml: {sorted(used - declared)}"
