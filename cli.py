@@ -63,7 +63,8 @@ def download(
 ) -> None:
     """Download city photos from Flickr into CACHE/images/<city>/ and CACHE/manifest.csv (resumable)."""
     from featkit.cities import load_cities
-    from featkit.collect import download_photos, resolve_credentials
+    from featkit.collect import download_photos
+    from featkit.flickr import resolve_credentials
 
     city_list = load_cities(cities)
     key, secret = resolve_credentials()

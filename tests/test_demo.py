@@ -6,7 +6,7 @@ import csv
 import json
 
 from cli import app
-from featkit.fakeflickr import FakeFlickr, make_catalog
+from fakeflickr import FakeFlickr, make_catalog
 
 
 def test_demo_runs_the_whole_job_offline(runner, tmp_path):
