@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-CITIES = ("paris", "tokyo", "london", "bangkok", "new york", "amsterdam", "mumbai", "barcelona", "venice", "los angeles")
+def _study_cities() -> tuple[str, ...]:
+    from featkit.cities import load_cities
+
+    return tuple(c.name for c in load_cities())
+
+
+CITIES = _study_cities()  # the study's ten, from featkit's cities file
 STUDY_PHOTO_SIZE = (320, 229)  # width x height of the study's photos
 
 

@@ -16,11 +16,12 @@ from importlib import resources
 from pathlib import Path
 
 from featkit.errors import FeatkitError
+from featkit.options import DOWNLOAD
 
 # Letters, digits, space, dot, underscore, hyphen; starts with a letter or digit,
 # ends with neither a space nor a dot (Windows trims those), at most 64 chars.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 ._-]{0,62}[A-Za-z0-9_-])?$")
-_CITY_KEYS = {"name", "query", "lat", "lon", "bbox"}
+_CITY_KEYS = {"name", "query", "lat", "lon", "bbox", "study_accuracy"}
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,9 @@ class City:
     lat: float
     lon: float
     bbox: tuple[float, float, float, float] | None = None
+    study_accuracy: float | None = None  # the seed study's test accuracy for this city, where it had one
 
-    def search_text(self, template: str = "{city} streets") -> str | None:
+    def search_text(self, template: str = DOWNLOAD.query_template) -> str | None:
         """The ``text`` parameter for Flickr's search, or None for a bbox-only city."""
         if not self.query:
             return None
@@ -123,7 +125,7 @@ def _parse_cities_toml(text: str, where: str) -> list[City]:
 def _parse_city(entry: dict, where: str) -> City:
     unknown = set(entry) - _CITY_KEYS
     if unknown:
-        raise FeatkitError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid fields: bbox, lat, lon, name, query")
+        raise FeatkitError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid fields: {', '.join(sorted(_CITY_KEYS))}")
     name = validate_city_name(entry.get("name"), where)
     where = f"{where} ({name})"
     query = entry.get("query", name)
@@ -140,7 +142,8 @@ def _parse_city(entry: dict, where: str) -> City:
         lon = _number(entry.get("lon"), where, "lon", -180, 180)
     else:  # centre of the box when only a box is given
         lat, lon = (bbox[1] + bbox[3]) / 2, (bbox[0] + bbox[2]) / 2
-    return City(name=name, query=query, lat=lat, lon=lon, bbox=bbox)
+    study = None if entry.get("study_accuracy") is None else _number(entry["study_accuracy"], where, "study_accuracy", 0, 1)
+    return City(name=name, query=query, lat=lat, lon=lon, bbox=bbox, study_accuracy=study)
 
 
 def _number(value: object, where: str, field: str, lo: float, hi: float) -> float:

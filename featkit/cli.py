@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from featkit.errors import FeatkitError
-from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, EXTRACT, MLP
+from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, DOWNLOAD, ENDPOINT_ENV, EXTRACT, MLP
 
 app = typer.Typer(
     help="Learn where a photo was taken: extract frozen VGG16 features once, fit heads, compare them per city.",
@@ -65,27 +65,28 @@ def clean_errors(fn):
 @app.command()
 @clean_errors
 def download(
-    per_city: int = typer.Option(4000, "--per-city", help="Photos to keep per city (past Flickr's ~4,000-per-query cap via taken-date windows)."),
+    per_city: int = typer.Option(DOWNLOAD.per_city, "--per-city", help="Photos to keep per city (past Flickr's ~4,000-per-query cap via taken-date windows)."),
     cities: Optional[str] = typer.Option(None, "--cities", help="Comma list of default cities (e.g. London,Paris) or a .toml file of your own; default: the study's ten."),
-    out: Path = CacheOpt,
-    query: str = typer.Option("{city} streets", "--query", help="Search text template; {city} is replaced by each city's query."),
-    license: str = typer.Option("any", "--license", help="any, cc, cc-commercial, public-domain, or Flickr licence ids (e.g. 4,5,9)."),
-    has_geo: bool = typer.Option(False, "--has-geo", help="Only geotagged photos."),
-    min_size: int = typer.Option(0, "--min-size", help="Reject images whose shorter side is below this many pixels."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", envvar="FEATKIT_FLICKR_ENDPOINT", help="Flickr REST URL (a proxy, mirror or local fake)."),
-    workers: int = typer.Option(4, "--workers", help="Concurrent image downloads."),
-    min_interval: float = typer.Option(1.0, "--min-interval", help="Seconds between Flickr API calls (Flickr allows 3,600 an hour)."),
+    cache: Path = CacheOpt,
+    query_template: str = typer.Option(DOWNLOAD.query_template, "--query-template", "--query", help="Search text template; {city} is replaced by each city's query."),
+    license: str = typer.Option(DOWNLOAD.license, "--license", help="any, cc, cc-commercial, public-domain, or Flickr licence ids (e.g. 4,5,9)."),
+    has_geo: bool = typer.Option(DOWNLOAD.has_geo, "--has-geo", help="Only geotagged photos."),
+    min_size: int = typer.Option(DOWNLOAD.min_size, "--min-size", help="Reject images whose shorter side is below this many pixels."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", envvar=ENDPOINT_ENV, help="Flickr REST URL (a proxy, mirror or local fake)."),
+    workers: int = typer.Option(DOWNLOAD.workers, "--workers", help="Concurrent image downloads."),
+    min_interval_s: float = typer.Option(DOWNLOAD.min_interval_s, "--min-interval-s", "--min-interval", help="Seconds between Flickr API calls (Flickr allows 3,600 an hour)."),
     progress: bool = ProgressOpt,
 ) -> None:
     """Download city photos from Flickr into CACHE/images/<city>/ and CACHE/manifest.csv (resumable)."""
     from featkit.cities import load_cities
-    from featkit.collect import download_photos, resolve_credentials
+    from featkit.collect import download_photos
+    from featkit.flickr import resolve_credentials
 
     city_list = load_cities(cities)
     key, secret = resolve_credentials()
     s = download_photos(
-        city_list, out, per_city, api_key=key, api_secret=secret, endpoint=endpoint, query_template=query,
-        license=license, has_geo=has_geo, min_size=min_size, min_interval_s=min_interval, workers=workers,
+        city_list, cache, per_city, api_key=key, api_secret=secret, endpoint=endpoint, query_template=query_template,
+        license=license, has_geo=has_geo, min_size=min_size, min_interval_s=min_interval_s, workers=workers,
         progress=progress, log=lambda m: typer.echo(m, err=True),
     )
     for line in s.lines():

@@ -69,6 +69,22 @@ class MLPOptions:
     n_iter_no_change: int = 7
 
 
+ENDPOINT_ENV = "FEATKIT_FLICKR_ENDPOINT"  # where `featkit download` finds a non-default Flickr endpoint
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """``featkit download``'s defaults."""
+
+    per_city: int = 4000
+    query_template: str = "{city} streets"  # the study's search: "<city> streets"
+    license: str = "any"
+    has_geo: bool = False
+    min_size: int = 0
+    min_interval_s: float = 1.0  # Flickr allows 3,600 API calls an hour
+    workers: int = 4
+
+
 def defaults(cls) -> dict:
     """``{field: default}`` of an options dataclass."""
     return {f.name: f.default for f in fields(cls)}
@@ -77,6 +93,7 @@ def defaults(cls) -> dict:
 EXTRACT = ExtractOptions()
 BACKBONE = BackboneOptions()
 MLP = MLPOptions()
+DOWNLOAD = DownloadOptions()
 
 # featkit demo: generated photos of a few cities, random weights (offline), a capped MLP.
 DEMO_CITIES = "Paris,Tokyo,London,New York"

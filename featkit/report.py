@@ -9,19 +9,8 @@ import numpy as np
 
 from featkit.atomic import atomic_path, atomic_write
 
-# The seed study's per-city test accuracy (VGG16 conv base + 1024-unit dense head, 500 test photos per city).
-STUDY_ACCURACY = {
-    "New York": 0.857,
-    "Venice": 0.823,
-    "Los Angeles": 0.727,
-    "Tokyo": 0.658,
-    "Amsterdam": 0.612,
-    "Barcelona": 0.604,
-    "Bangkok": 0.564,
-    "Mumbai": 0.489,
-    "Paris": 0.416,
-    "London": 0.345,
-}
+# The seed study's overall test accuracy (VGG16 conv base + 1024-unit dense head, 500 test photos
+# per city); its per-city figures are the ``study_accuracy`` fields of the default cities file.
 STUDY_OVERALL = 0.610
 
 
@@ -29,10 +18,18 @@ def _fmt(x) -> str:
     return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 
 
+def study_accuracy() -> dict[str, float]:
+    """The seed study's per-city test accuracy, from the default cities file."""
+    from featkit.cities import load_cities
+
+    return {c.name: c.study_accuracy for c in load_cities() if c.study_accuracy is not None}
+
+
 def render_markdown(results: dict) -> str:
     cities, heads = results["cities"], results["heads"]
     names = list(heads)
-    study = set(STUDY_ACCURACY) <= set(cities)
+    study_acc = study_accuracy()
+    study = set(study_acc) <= set(cities)
     header = ["city", "n test"] + names + (["study"] if study else [])
     lines = [
         "# featkit: per-city comparison of heads",
@@ -48,7 +45,7 @@ def render_markdown(results: dict) -> str:
     for c in cities:
         row = [c, str(results["n_test"][c])] + [_fmt(heads[h]["per_city"][c]) for h in names]
         if study:
-            row.append(_fmt(STUDY_ACCURACY.get(c)))
+            row.append(_fmt(study_acc.get(c)))
         lines.append("| " + " | ".join(row) + " |")
     for label, key, study_value in (("**overall**", "accuracy", STUDY_OVERALL), ("**macro**", "macro_accuracy", None), ("**top-3**", "top3", None)):
         row = [label, ""] + [_fmt(heads[h][key]) for h in names]

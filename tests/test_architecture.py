@@ -114,7 +114,7 @@ def test_cli_defaults_are_the_librarys():
 def test_cli_option_names_mirror_python_names():
     from featkit import cli
 
-    for command in (cli.extract, cli.fit, cli.compare, cli.demo):
+    for command in (cli.download, cli.extract, cli.fit, cli.compare, cli.demo):
         for name, p in inspect.signature(command.__wrapped__).parameters.items():
             decls = getattr(p.default, "param_decls", None)
             if decls and any(d.startswith("--") for d in decls):
@@ -172,3 +172,14 @@ def test_every_imported_third_party_package_is_declared():
                 if top not in stdlib and top != "featkit":
                     used.add(dist_of.get(top, top).lower())
     assert used - declared == set(), f"imported but not declared in pyproject.toml: {sorted(used - declared)}"
+
+
+def test_download_defaults_are_the_librarys():
+    from featkit import cli
+    from featkit.collect import download_photos
+    from featkit.options import DownloadOptions, defaults
+
+    cli_defaults = _cli_defaults(cli.download.__wrapped__)
+    lib = inspect.signature(download_photos).parameters
+    for name, value in defaults(DownloadOptions).items():
+        assert cli_defaults[name] == value == lib[name].default, name

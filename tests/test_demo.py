@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+from fakeflickr import FakeFlickr, make_catalog
 from featkit.cli import app
-from featkit.fakeflickr import FakeFlickr, make_catalog
 
 
 def test_demo_runs_the_whole_job_offline(runner, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from featkit.errors import FeatkitError
-from featkit.manifest import Photo, scan_photos
+from featkit.manifest import MANIFEST_COLUMNS, Photo, read_manifest, scan_photos, write_manifest
 from featkit.splits import assign_splits
 
 
@@ -64,3 +64,20 @@ def test_manifest_source(tmp_path):
     m.write_text("photo_id,city,path\n1,Paris,a.jpg\n1,Tokyo,b.jpg\n")
     with pytest.raises(FeatkitError, match="appears twice"):
         scan_photos(m)
+
+
+def test_one_reader_and_writer_for_the_manifest(tmp_path):
+    m = tmp_path / "manifest.csv"
+    rows = [{"photo_id": "7", "city": "Paris", "path": "images/Paris/7.jpg", "owner": "o", "sha256": "ab"},
+            {"photo_id": "8", "city": "Tokyo", "path": "images/Tokyo/8.jpg", "note": "not a column"}]
+    write_manifest(m, rows, MANIFEST_COLUMNS)
+    columns, back = read_manifest(m, MANIFEST_COLUMNS)
+    assert tuple(columns) == MANIFEST_COLUMNS and [r["photo_id"] for r in back] == ["7", "8"]
+    assert back[0]["owner"] == "o" and back[1]["owner"] == "" and "note" not in back[1]
+    assert not [p for p in tmp_path.iterdir() if p.name != "manifest.csv"]  # no temporary file left
+    # extraction reads the downloader's manifest, extra columns and all
+    assert [(p.photo_id, p.city, p.owner) for p in scan_photos(m)] == [("7", "Paris", "o"), ("8", "Tokyo", "")]
+    m.write_text("photo_id,city,path\n1,Paris,a.jpg\n")
+    assert read_manifest(m)[1] == [{"photo_id": "1", "city": "Paris", "path": "a.jpg"}]
+    with pytest.raises(FeatkitError, match="lacks column.*owner.*move it away"):
+        read_manifest(m, MANIFEST_COLUMNS, fix="move it away")

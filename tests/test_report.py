@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from featkit.evaluate import evaluate_predictions
-from featkit.report import STUDY_ACCURACY, render_markdown, write_report
+from featkit.report import render_markdown, study_accuracy, write_report
 
 
 def test_metrics_confusion_top3_and_shares():
@@ -31,7 +31,7 @@ def test_metrics_confusion_top3_and_shares():
 
 
 def test_study_column_only_with_the_studys_ten_cities(tmp_path):
-    cities = sorted(STUDY_ACCURACY)
+    cities = sorted(study_accuracy())
     n = len(cities)
     y = np.repeat(cities, 3)
     p = np.eye(n)[np.repeat(np.arange(n), 3)]

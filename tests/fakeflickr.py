@@ -1,4 +1,4 @@
-"""A Flickr-compatible REST endpoint on 127.0.0.1, for tests and ``featkit demo``.
+"""A Flickr-compatible REST endpoint on 127.0.0.1, for tests (test infrastructure: not shipped in featkit).
 
 It answers ``flickr.photos.search`` the way Flickr does (OAuth-signed POSTs from
 the real ``flickrapi`` client, JSON with ``stat``, pagination, ``extras``, a
