@@ -8,10 +8,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from featkit import __version__
 from featkit.errors import FeatkitError
 from featkit.heads import load_head
-from featkit.metrics import evaluate_predictions
+from featkit.metrics import evaluate_predictions, rank_heads
 from featkit.provenance import provenance
 from featkit.splits import split_counts
 from featkit.store import FeatureStore, cache_file, check_identity, heads_dir
@@ -44,10 +46,14 @@ def evaluate_heads(cache_dir: str | Path) -> dict:
         if rec["cache_id"] != cache_id:
             raise FeatkitError(f"head {name!r} ({p}) was trained on an earlier build of this cache (rebuilt with --overwrite since); refit it with `featkit fit`")
         metrics = evaluate_predictions(cities, yte, est.predict_proba(Xte), est.classes_)
-        heads[name] = {**metrics, "val_score": rec["val_score"], "fit_seconds": rec["fit_seconds"], "chosen": rec["chosen"], "seed": rec["seed"]}
+        heads[name] = {
+            **metrics,
+            **{k: rec.get(k) for k in ("val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")},
+        }
     return {
         "cities": cities,
         "heads": heads,
+        "ranking": rank_heads({h: np.asarray(m["correct"], dtype=bool) for h, m in heads.items()}),
         "n_test": {c: counts["test"].get(c, 0) for c in cities},
         "split_counts": counts,
         "cache_path": str(cache_file(cache_dir)),

@@ -25,6 +25,21 @@ def study_accuracy() -> dict[str, float]:
     return {c.name: c.study_accuracy for c in load_cities() if c.study_accuracy is not None}
 
 
+def _ci(value, ci) -> str:
+    """``0.506 (0.467-0.545)``: a figure with its 95% interval."""
+    if ci is None or value is None or (isinstance(value, float) and np.isnan(value)):
+        return _fmt(value)
+    return f"{_fmt(value)} ({_fmt(ci[0])}-{_fmt(ci[1])})"
+
+
+def _curve(curve) -> str:
+    if not curve:
+        return ""
+    if isinstance(curve, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in curve.items())
+    return " ".join(_fmt(v) for v in curve)
+
+
 def render_markdown(results: dict) -> str:
     cities, heads = results["cities"], results["heads"]
     names = list(heads)
@@ -37,21 +52,47 @@ def render_markdown(results: dict) -> str:
         f"Test split: {sum(results['n_test'].values())} photos; every head is evaluated on the same photos. "
         f"Cache: `{results.get('cache_path', '')}` ({results.get('backbone', '')}).",
         "",
+    ]
+    ranking = results.get("ranking")
+    if ranking:
+        lines += ["**Verdict:** " + ranking["verdict"], ""]
+    lines += [
         "## Accuracy per city",
+        "",
+        "Each figure is test accuracy with its 95% interval (percentile bootstrap over test photos, "
+        "2,000 resamples, fixed seed).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
     for c in cities:
-        row = [c, str(results["n_test"][c])] + [_fmt(heads[h]["per_city"][c]) for h in names]
+        row = [c, str(results["n_test"][c])] + [_ci(heads[h]["per_city"][c], heads[h].get("per_city_ci", {}).get(c)) for h in names]
         if study:
             row.append(_fmt(study_acc.get(c)))
         lines.append("| " + " | ".join(row) + " |")
     for label, key, study_value in (("**overall**", "accuracy", STUDY_OVERALL), ("**macro**", "macro_accuracy", None), ("**top-3**", "top3", None)):
-        row = [label, ""] + [_fmt(heads[h][key]) for h in names]
+        n_total = str(sum(results["n_test"].values())) if key == "accuracy" else ""
+        row = [label, n_total] + [_ci(heads[h][key], heads[h].get(f"{key}_ci")) for h in names]
         if study:
             row.append(_fmt(study_value))
         lines.append("| " + " | ".join(row) + " |")
+    if ranking and ranking["pairs"]:
+        lines += [
+            "",
+            "## Head against head (same test photos)",
+            "",
+            "McNemar's exact test on the photos exactly one of the two heads gets right; "
+            "the difference's interval is a paired bootstrap.",
+            "",
+            "| pair | accuracy difference (95% CI) | only first right | only second right | p | significant at 0.05 |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for pair in ranking["pairs"].values():
+            diff = f"{pair['difference']:+.3f} ({pair['difference_ci'][0]:+.3f} to {pair['difference_ci'][1]:+.3f})"
+            lines.append(
+                f"| {pair['a']} vs {pair['b']} | {diff} | {pair['only_a_right']} | {pair['only_b_right']} | "
+                f"{pair['p_value']:.3g} | {'yes' if pair['significant'] else 'no'} |"
+            )
     lines += [
         "",
         "## Predicted share beside true share",
@@ -65,11 +106,24 @@ def render_markdown(results: dict) -> str:
     for c in cities:
         first = heads[names[0]]["true_share"][c] if names else 0.0
         lines.append(f"| {c} | {_fmt(first)} | " + " | ".join(_fmt(heads[h]["predicted_share"][c]) for h in names) + " |")
-    lines += ["", "## Heads", "", "| head | val accuracy | fit seconds | parameters |", "|---|---:|---:|---|"]
+    lines += [
+        "",
+        "## Heads",
+        "",
+        "What each head chose on the validation split, and its validation curve (per candidate, or per epoch). "
+        "A choice at the edge of its grid means the grid should be wider.",
+        "",
+        "| head | val accuracy | fit seconds | chosen | at grid edge | validation curve |",
+        "|---|---:|---:|---|---|---|",
+    ]
     for h in names:
         info = heads[h]
         params = ", ".join(f"{k}={v}" for k, v in sorted(info.get("chosen", {}).items()))
-        lines.append(f"| {h} | {_fmt(info.get('val_score'))} | {info.get('fit_seconds', 0):.1f} | {params} |")
+        edge = info.get("at_grid_edge")
+        edge = "" if edge is None else ("**yes**" if edge else "no")
+        lines.append(
+            f"| {h} | {_fmt(info.get('val_score'))} | {info.get('fit_seconds', 0):.1f} | {params} | {edge} | {_curve(info.get('validation_curve'))} |"
+        )
     lines += ["", "## Confusion matrices", "", "Rows: true city; columns: predicted city; shading: row-normalised.", ""]
     for h in names:
         lines.append(f"![{h}](confusion_{h}.png)")

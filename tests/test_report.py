@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featkit.evaluate import evaluate_predictions
+from featkit.metrics import evaluate_predictions
 from featkit.report import render_markdown, study_accuracy, write_report
 
 
@@ -40,7 +40,7 @@ def test_study_column_only_with_the_studys_ten_cities(tmp_path):
                "n_test": {c: 3 for c in cities}}
     md = render_markdown(results)
     assert "| study |" in md or "| mlp | study |" in md
-    assert "| New York | 3 | 1.000 | 0.857 |" in md and "| **overall** |  | 1.000 | 0.610 |" in md
+    assert "| New York | 3 | 1.000 (1.000-1.000) | 0.857 |" in md and "| **overall** | 30 | 1.000 (1.000-1.000) | 0.610 |" in md
     paths = write_report(results, tmp_path)
     assert paths["png_mlp"].exists() and paths["json"].exists()
     results["cities"] = cities[:3]
