@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "extract": "featkit.api",
     "fit": "featkit.api",
+    "split": "featkit.api",
     "compare": "featkit.api",
     "FeatkitError": "featkit.errors",
     "ExtractOptions": "featkit.options",

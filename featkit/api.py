@@ -66,6 +66,23 @@ def _split_overrides(backbone: BackboneOptions, options: ExtractOptions, overrid
     return backbone, options
 
 
+def split(
+    cache_dir: str | Path = "cache",
+    *,
+    seed: int = EXTRACT.seed,
+    test_size: float = EXTRACT.test_size,
+    val_size: float = EXTRACT.val_size,
+) -> dict[str, dict[str, int]]:
+    """Re-draw the train / val / test splits of the cached photos (features untouched); returns the counts
+    per split and city. Heads fitted on the old splits are refused by ``compare`` until refitted."""
+    from featkit.extraction import resplit
+    from featkit.store import FeatureStore, cache_file
+
+    options = ExtractOptions(seed=seed, test_size=test_size, val_size=val_size)
+    with FeatureStore.open(cache_file(cache_dir), writable=True) as store:
+        return resplit(store, options)
+
+
 def fit(
     cache_dir: str | Path = "cache",
     head: str = "all",

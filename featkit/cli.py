@@ -129,6 +129,22 @@ def extract(
 
 @app.command()
 @clean_errors
+def split(
+    cache: Path = CacheOpt,
+    seed: int = SeedOpt,
+    test_size: float = typer.Option(EXTRACT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),
+    val_size: float = typer.Option(EXTRACT.val_size, "--val-size", help="Validation photos per city: a count or a fraction."),
+) -> None:
+    """Re-draw the train / val / test splits of the cached photos without re-extracting them (refit heads after)."""
+    from featkit.api import split as split_cache
+
+    counts = split_cache(cache, seed=seed, test_size=test_size, val_size=val_size)
+    sizes = ", ".join(f"{k} {sum(v.values())}" for k, v in counts.items())
+    typer.echo(f"splits: {sizes} (seed {seed}, test size {test_size:g}, val size {val_size:g}); refit heads with `featkit fit`")
+
+
+@app.command()
+@clean_errors
 def fit(
     head: str = typer.Option("all", "--head", help="mlp, logreg, svm, a comma list, or all."),
     cache: Path = CacheOpt,

@@ -28,7 +28,7 @@ def evaluate_heads(cache_dir: str | Path) -> dict:
     with FeatureStore.open(cache_file(cache_dir)) as store:
         cities = store.cities()
         Xte, yte, _ = store.load_split("test")
-        identity, cache_id = store.identity, store.cache_id
+        identity, cache_id, split_id = store.identity, store.cache_id, store.split_id
         counts = split_counts(list(store.column("city")), list(store.column("split")))
         backbone = store.provenance.get("backbone", "")
     if len(yte) == 0:
@@ -45,6 +45,11 @@ def evaluate_heads(cache_dir: str | Path) -> dict:
             )
         if rec["cache_id"] != cache_id:
             raise FeatkitError(f"head {name!r} ({p}) was trained on an earlier build of this cache (rebuilt with --overwrite since); refit it with `featkit fit`")
+        if rec.get("split_id") not in (None, split_id):
+            raise FeatkitError(
+                f"head {name!r} ({p}) was trained on other splits of this cache (re-drawn with `featkit split` since); "
+                "refit it with `featkit fit`"
+            )
         metrics = evaluate_predictions(cities, yte, est.predict_proba(Xte), est.classes_)
         heads[name] = {
             **metrics,

@@ -29,6 +29,7 @@ import torch
 
 from featkit.backbones import BackboneSpec, FeatureNet
 from featkit.devices import resolve_device
+from featkit.errors import FeatkitError
 from featkit.images import UnreadableImage, load_image
 from featkit.manifest import Photo
 from featkit.options import ExtractOptions
@@ -171,11 +172,42 @@ def write_batches(
             on_batch(summary.n_extracted + summary.n_skipped)
 
 
+def split_protocol(options: ExtractOptions) -> dict:
+    """The options that decide the splits, as recorded in the cache."""
+    return {"seed": options.seed, "test_size": options.test_size, "val_size": options.val_size}
+
+
+def check_split_protocol(store: FeatureStore, options: ExtractOptions) -> None:
+    """Refuse to add photos to a cache under another split protocol than the one it records
+    (the recorded splits would win, silently ignoring the new options)."""
+    recorded, wanted = store.split_protocol, split_protocol(options)
+    if recorded is not None and store.n_rows and recorded != wanted:
+        rec = " ".join(f"{k}={v}" for k, v in sorted(recorded.items()))
+        want = " ".join(f"{k}={v}" for k, v in sorted(wanted.items()))
+        raise FeatkitError(
+            f"cache {store.path} holds splits made with {rec}, not {want}; pass the recorded values to add photos, "
+            "or change the splits of the cached photos without re-extracting them: featkit split --cache DIR "
+            "--test-size T --val-size V --seed S"
+        )
+
+
+def resplit(store: FeatureStore, options: ExtractOptions) -> dict[str, dict[str, int]]:
+    """Draw the splits of the cached photos again under ``options``' seed, test and val sizes (no re-extraction)."""
+    cols = {k: store.column(k) for k in ("photo_id", "city", "path", "owner")}
+    photos = [Photo(pid, city, Path(path), owner) for pid, city, path, owner in zip(*cols.values())]
+    splits = assign_splits(photos, seed=options.seed, test_size=options.test_size, val_size=options.val_size)
+    store.rewrite_splits(splits, split_protocol(options))
+    return split_counts(list(cols["city"]), [splits[p.photo_id] for p in photos])
+
+
 def plan(store: FeatureStore, photos: list[Photo], options: ExtractOptions) -> tuple[dict[str, str], list[Photo]]:
     """Splits for every photo (photos already cached keep theirs) and the photos not yet handled."""
+    check_split_protocol(store, options)
     existing = dict(zip(store.column("photo_id"), store.column("split")))
     done = store.done_ids()
     splits = assign_splits(photos, seed=options.seed, test_size=options.test_size, val_size=options.val_size, fixed=existing)
+    if store.n_rows == 0:  # a new cache records its protocol (an old cache's is unknown: left unset)
+        store.record_split_protocol(split_protocol(options))
     return splits, [p for p in photos if p.photo_id not in done]
 
 

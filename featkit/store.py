@@ -7,7 +7,8 @@ Layout of ``features.h5``::
     /failed/photo_id, /failed/path, /failed/reason   photos that could not be read
     attrs: identity (JSON: backbone spec + dtype), n_rows, n_failed (the committed
            counts), cache_id (a uuid, new on every --overwrite), featkit_version,
-           created, provenance (JSON: argv, seed, versions, ...)
+           created, provenance (JSON: argv, seed, versions, ...), split_protocol
+           (JSON: seed, test_size, val_size of the recorded splits)
 
 File layout of a cache folder (every name is defined here and nowhere else)::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
@@ -104,12 +106,15 @@ class FeatureStore:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> "FeatureStore":
-        """Open an existing cache read-only."""
+    def open(cls, path: str | Path, *, writable: bool = False) -> "FeatureStore":
+        """Open an existing cache, read-only unless ``writable``."""
         path = Path(path)
         if not path.exists():
             raise FeatkitError(f"no feature cache at {path}; run `featkit extract PHOTOS_DIR` first (or point --cache at it)")
-        return cls(path, _h5open(path, "r"))
+        store = cls(path, _h5open(path, "a" if writable else "r"))
+        if writable:
+            store._truncate_uncommitted()
+        return store
 
     @classmethod
     def open_for_append(
@@ -187,6 +192,39 @@ class FeatureStore:
     @property
     def n_failed(self) -> int:
         return int(self.f.attrs["n_failed"])
+
+    @property
+    def split_protocol(self) -> dict | None:
+        """How the recorded splits were drawn (``seed``, ``test_size``, ``val_size``); None for an old cache."""
+        text = self.f.attrs.get("split_protocol")
+        return None if text is None else json.loads(text)
+
+    @property
+    def split_id(self) -> str:
+        """A fingerprint of which photo is in which split: heads trained on one split are refused on another."""
+        h = hashlib.sha256()
+        for pid, split in zip(self.column("photo_id"), self.column("split")):
+            h.update(f"{pid}\t{split}\n".encode())
+        return h.hexdigest()[:16]
+
+    def record_split_protocol(self, protocol: dict) -> None:
+        self.f.attrs["split_protocol"] = json.dumps(protocol, sort_keys=True)
+        self.f.flush()
+
+    def rewrite_splits(self, splits: dict[str, str], protocol: dict) -> None:
+        """Assign the stored photos to new splits (``photo_id -> split``) without touching their features.
+
+        The split column is rewritten in one write and flushed before the protocol is
+        recorded; heads trained on the old splits no longer match :attr:`split_id`.
+        """
+        ids = self.column("photo_id")
+        missing = [p for p in ids if p not in splits]
+        if missing:
+            raise FeatkitError(f"no new split for {len(missing)} stored photos (e.g. {missing[0]!r})")
+        if self.n_rows:
+            self.f["split"][: self.n_rows] = [splits[p] for p in ids]
+            self.f.flush()
+        self.record_split_protocol(protocol)
 
     @property
     def provenance(self) -> dict:

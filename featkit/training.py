@@ -71,7 +71,7 @@ def fit_heads(
     out = heads_dir(cache_dir)
     records = []
     with FeatureStore.open(cache_file(cache_dir)) as store:
-        cities = store.cities()
+        cities, split_id = store.cities(), store.split_id
         train_rows = store.split_rows("train")
         if len(set(store.column("city")[train_rows].tolist())) < 2:
             raise FeatkitError("the cache's train split holds fewer than two cities; extract photos of at least two cities")
@@ -106,6 +106,7 @@ def fit_heads(
             record = {
                 "head": name,
                 "cache_id": store.cache_id,
+                "split_id": split_id,
                 "cache_identity": store.identity,
                 "cities": cities,
                 "params": est.get_params(),

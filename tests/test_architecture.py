@@ -114,7 +114,7 @@ def test_cli_defaults_are_the_librarys():
 def test_cli_option_names_mirror_python_names():
     from featkit import cli
 
-    for command in (cli.download, cli.extract, cli.fit, cli.compare, cli.demo):
+    for command in (cli.download, cli.extract, cli.split, cli.fit, cli.compare, cli.demo):
         for name, p in inspect.signature(command.__wrapped__).parameters.items():
             decls = getattr(p.default, "param_decls", None)
             if decls and any(d.startswith("--") for d in decls):

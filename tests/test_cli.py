@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from featkit.cli import app
 from conftest import FAST, make_photos
+from featkit.splits import split_counts
+from featkit.store import FeatureStore
 
 
 def run(runner, *args):
@@ -27,7 +30,7 @@ def assert_clean_failure(result, *fragments):
         assert f in errors[0], out
 
 
-@pytest.mark.parametrize("command", [[], ["extract"], ["fit"], ["compare"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["extract"], ["split"], ["fit"], ["compare"], ["demo"]])
 def test_help(runner, command):
     result = run(runner, *command, "--help")
     assert result.exit_code == 0
@@ -56,7 +59,35 @@ def test_extract_fit_compare_end_to_end(runner, photos, tmp_path):
         assert (reports / f"confusion_{head}.png").stat().st_size > 1000
     md = (reports / "compare.md").read_text()
     assert "| Paris | 6 |" in md and "confusion_mlp.png" in md and "**top-3**" in md
-    assert "study" not in md.splitlines()[6]  # not the study's ten cities: no study column
+    assert "| city | n test | logreg | mlp | svm |" in md  # not the study's ten cities: no study column
+    assert "**Verdict:**" in md and "| logreg vs mlp |" in md
+    assert data["ranking"]["ranking"][0] in ("mlp", "logreg", "svm") and len(data["ranking"]["pairs"]) == 3
+    lo, hi = data["heads"]["mlp"]["accuracy_ci"]
+    assert lo <= data["heads"]["mlp"]["accuracy"] <= hi
+
+
+def test_splits_change_without_re_extraction(runner, photos, tmp_path):
+    cache = tmp_path / "cache"
+    assert run(runner, "extract", photos, "--cache", cache, *FAST, "--test-size", "6", "--val-size", "4").exit_code == 0
+    assert run(runner, "fit", "--head", "logreg", "--cache", cache).exit_code == 0
+    with FeatureStore.open(cache / "features.h5") as s:
+        before = s.read_features(np.arange(s.n_rows))
+    # another protocol on the same cache is refused, not silently ignored
+    r = run(runner, "extract", photos, "--cache", cache, *FAST, "--test-size", "8", "--val-size", "4")
+    assert_clean_failure(r, "test_size=6", "test_size=8", "featkit split")
+    r = run(runner, "split", "--cache", cache, "--test-size", "8", "--val-size", "4")
+    assert r.exit_code == 0 and "test 24" in r.output, r.output
+    with FeatureStore.open(cache / "features.h5") as s:
+        assert np.array_equal(s.read_features(np.arange(s.n_rows)), before)  # features untouched
+        assert split_counts(list(s.column("city")), list(s.column("split")))["test"] == {"Paris": 8, "Tokyo": 8, "Venice": 8}
+        assert s.split_protocol == {"seed": 0, "test_size": 8.0, "val_size": 4.0}
+    # a head trained on the old splits is refused until refitted
+    assert_clean_failure(run(runner, "compare", "--cache", cache, "--reports", tmp_path / "r"), "other splits", "featkit fit")
+    assert run(runner, "fit", "--head", "logreg", "--cache", cache).exit_code == 0
+    assert run(runner, "compare", "--cache", cache, "--reports", tmp_path / "r").exit_code == 0
+    # and photos added later follow the recorded protocol when it is repeated
+    r = run(runner, "extract", photos, "--cache", cache, *FAST, "--test-size", "8", "--val-size", "4")
+    assert r.exit_code == 0 and "0 extracted" in r.output, r.output
 
 
 def test_env_vars_move_outputs(runner, photos, tmp_path, monkeypatch):
