@@ -91,12 +91,13 @@ def fit(
     device: str = EXTRACT.device,
     params: dict[str, dict] | None = None,
     stream: str = "auto",
+    progress: bool = EXTRACT.progress,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train heads (``mlp``, ``logreg``, ``svm``, a comma list, or ``all``) on the cache; returns their records."""
     from featkit.training import fit_heads
 
-    return fit_heads(cache_dir, head, seed=seed, device=device, params=params, stream=stream, log=log)
+    return fit_heads(cache_dir, head, seed=seed, device=device, params=params, stream=stream, progress=progress, log=log)
 
 
 def compare(cache_dir: str | Path = "cache", reports_dir: str | Path = "reports") -> tuple[dict, dict[str, Path]]:

@@ -158,6 +158,7 @@ def fit(
     learning_rate_init: float = typer.Option(MLP.learning_rate_init, "--learning-rate-init", "--lr", help="MLP: Adam learning rate."),
     batch_size: int = typer.Option(MLP.batch_size, "--batch-size", help="MLP: mini-batch size."),
     stream: str = typer.Option("auto", "--stream", help="yes: train the heads that can from shuffled blocks of the cache (larger than memory); no: load it; auto: stream when it would take over half the free memory."),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Train heads on the cached features (train split; val split for early stopping and choices)."""
     from featkit.api import fit as fit_heads
@@ -170,7 +171,7 @@ def fit(
         "max_iter": max_iter, "n_iter_no_change": n_iter_no_change, "hidden_layer_sizes": (hidden_layer_sizes,), "dropout": dropout,
         "alpha": alpha, "learning_rate_init": learning_rate_init, "batch_size": batch_size,
     }
-    records = fit_heads(cache, head, seed=seed, device=device, params={"mlp": mlp}, stream=stream, log=typer.echo)
+    records = fit_heads(cache, head, seed=seed, device=device, params={"mlp": mlp}, stream=stream, progress=progress, log=typer.echo)
     typer.echo(f"{len(records)} head(s) fitted -> {cache / 'heads'}")
 
 

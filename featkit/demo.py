@@ -39,5 +39,5 @@ def run_demo(
     log(f"demo: {per_city} generated photos per city of {', '.join(c.name for c in city_list)} in {photos}")
     s = api.extract(photos, cache_dir, weights=weights, image_size=image_size, device=device, seed=seed, progress=progress)
     log(f"demo: {s.line()}")
-    api.fit(cache_dir, "all", seed=seed, device=device, params={"mlp": {"max_iter": DEMO_MAX_ITER}}, log=lambda m: log(f"demo: {m}"))
+    api.fit(cache_dir, "all", seed=seed, device=device, params={"mlp": {"max_iter": DEMO_MAX_ITER}}, progress=progress, log=lambda m: log(f"demo: {m}"))
     return api.compare(cache_dir, reports_dir)

@@ -63,8 +63,8 @@ class MLPOptions:
     hidden_layer_sizes: tuple[int, ...] = (1024,)
     dropout: float = 0.5
     alpha: float = 0.0
-    learning_rate_init: float = 1e-3
-    batch_size: int = 128
+    learning_rate_init: float = 1e-4
+    batch_size: int = 64
     max_iter: int = 100
     n_iter_no_change: int = 7
 

@@ -6,6 +6,7 @@ Which heads exist is :data:`featkit.heads.HEADS`; nothing here names a head.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,7 @@ def fit_heads(
     params: dict[str, dict] | None = None,
     stream: str = "auto",
     block_rows: int = 4096,
+    progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train the named heads on the cache's train split (val split for early stopping / choices) and save them.
@@ -92,15 +94,16 @@ def fit_heads(
                 est.set_params(device=device)
             if name in in_place:
                 est.set_params(copy=False)
+            if name not in streamed and Xtr is None:
+                Xtr, ytr, _ = store.load_split("train")
             t0 = time.perf_counter()
-            if name in streamed:
-                est.fit_blocks(store.blocks("train", block_rows), Xva, yva)
-                how = "streamed"
-            else:
-                if Xtr is None:
-                    Xtr, ytr, _ = store.load_split("train")
-                est.fit(Xtr, ytr, Xva, yva)
-                how = "in memory"
+            with _ProgressBar(name, progress) as bar:
+                if name in streamed:
+                    est.fit_blocks(store.blocks("train", block_rows), Xva, yva, progress=bar.update)
+                    how = "streamed"
+                else:
+                    est.fit(Xtr, ytr, Xva, yva, progress=bar.update)
+                    how = "in memory"
             seconds = time.perf_counter() - t0
             val_score = float(est.score(Xva, yva)) if yva is not None else None
             record = {
@@ -111,6 +114,8 @@ def fit_heads(
                 "cities": cities,
                 "params": est.get_params(),
                 "chosen": dict(est.chosen_),
+                "validation_curve": _plain(est.validation_curve_),
+                "at_grid_edge": bool(est.at_grid_edge_),
                 "val_score": val_score,
                 "seed": seed,
                 "fit_seconds": seconds,
@@ -126,6 +131,38 @@ def fit_heads(
             chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())
             log(f"{name}: val accuracy {_pct(val_score)} in {seconds:.1f}s, {how}, {record['passes']} passes ({chosen}) -> {path}")
     return records
+
+
+class _ProgressBar:
+    """One tqdm bar per head on stderr: epoch or candidate, losses, validation accuracy, rate and time left."""
+
+    def __init__(self, name: str, enabled: bool):
+        self.name, self.enabled, self.bar = name, enabled, None
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def update(self, step: int, total: int, **figures) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            unit = "epoch" if self.name == "mlp" else "fit"
+            self.bar = tqdm(total=total, desc=f"fit {self.name}", unit=unit, dynamic_ncols=True, file=sys.stderr, leave=False)
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in figures.items()}, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _plain(curve):
+    """A validation curve as JSON-friendly values (grid values as strings: 1e-05, not 1.0000000000000001e-05)."""
+    if isinstance(curve, dict):
+        return {f"{k:g}": float(v) for k, v in curve.items()}
+    return [float(v) for v in curve]
 
 
 def _pct(x):

@@ -9,13 +9,13 @@ from sklearn.datasets import make_blobs
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featkit.blocks import ArrayBlocks, shuffled_segments
-from featkit.heads import LinearSVMHead, LogRegHead, MLPHead, column_moments, make_head, standardize
+from featkit.heads import LinearSVMHead, LogRegHead, MLPHead, array_rms, make_head, scale_rows
 from featkit.errors import FeatkitError
 
 SMALL = [
     MLPHead(hidden_layer_sizes=(16,), max_iter=30, learning_rate_init=0.01, batch_size=32, device="cpu", random_state=0),
     LogRegHead(Cs=(0.01, 1.0), random_state=0),
-    LinearSVMHead(alphas=(1e-2, 1e-4), epochs=3, random_state=0),
+    LinearSVMHead(alphas=(1e-2, 1e-4), max_iter=30, random_state=0),
 ]
 
 
@@ -47,7 +47,7 @@ def test_streamed_fit_matches_in_memory_quality(cls):
     X, y = _city_blobs(1200)
     order = np.argsort(y[:1000], kind="stable")  # rows sorted by city, as in a cache
     Xt, yt = X[:1000][order], y[:1000][order]
-    params = {"hidden_layer_sizes": (32,), "max_iter": 15, "device": "cpu"} if cls is MLPHead else {}
+    params = {"hidden_layer_sizes": (32,), "max_iter": 15, "learning_rate_init": 1e-2, "device": "cpu"} if cls is MLPHead else {}
     streamed = cls(random_state=0, **params).fit_blocks(ArrayBlocks(Xt, yt, block_rows=128), X[1000:1100], y[1000:1100])
     in_memory = cls(random_state=0, **params).fit(Xt, yt, X[1000:1100], y[1000:1100])
     s_acc, m_acc = streamed.score(X[1100:], y[1100:]), in_memory.score(X[1100:], y[1100:])
@@ -63,11 +63,25 @@ def test_same_seed_same_model():
 
 def test_mlp_early_stopping_restores_best_epoch():
     X, y = _city_blobs(300)
-    y = np.random.default_rng(0).permutation(y)  # labels without signal: val loss rises soon
+    y = np.random.default_rng(0).permutation(y)  # labels without signal: no epoch stays best for long
     h = MLPHead(hidden_layer_sizes=(64,), max_iter=200, n_iter_no_change=7, learning_rate_init=0.01, device="cpu", random_state=0).fit(X, y)
     assert h.n_iter_ < 200
     assert h.n_iter_ == h.best_epoch_ + 7
-    assert h.best_validation_loss_ == min(h.validation_loss_curve_)
+    # the best epoch is the most accurate on validation, ties going to the lower validation loss
+    best = max(range(h.n_iter_), key=lambda i: (h.validation_scores_[i], -h.validation_loss_curve_[i]))
+    assert h.best_epoch_ == best + 1 and h.best_validation_score_ == max(h.validation_scores_)
+    assert h.validation_curve_ == h.validation_scores_ and h.chosen_ == {"epochs": h.n_iter_, "best_epoch": h.best_epoch_}
+    # the restored weights are the best epoch's: they score its validation accuracy again
+    assert h.score(*_validation_split(X, y)) == pytest.approx(h.best_validation_score_)
+
+
+def _validation_split(X, y):
+    from featkit.heads import _seed  # the same carve-out the head made
+    from sklearn.model_selection import train_test_split
+
+    seed = _seed(0)
+    _, Xv, _, yv = train_test_split(X, y, test_size=int(round(0.1 * len(y))), random_state=seed, stratify=y)
+    return Xv, yv
 
 
 def test_logreg_in_place_standardisation_only_when_asked():
@@ -79,15 +93,48 @@ def test_logreg_in_place_standardisation_only_when_asked():
     assert not np.array_equal(X, before)
 
 
-def test_moments_and_standardize_match_numpy():
+def test_rms_and_scaling_match_numpy():
     X = np.random.default_rng(0).gamma(2.0, 3.0, (5000, 7)).astype(np.float32)
-    X[:, 3] = 1.5  # constant column
-    mean, std = column_moments(X)
-    assert np.allclose(mean, X.astype(np.float64).mean(0), rtol=1e-5)
-    assert np.allclose(std[[0, 1, 2, 4, 5, 6]], X.astype(np.float64).std(0)[[0, 1, 2, 4, 5, 6]], rtol=1e-4)
-    assert std[3] == 1.0
-    Z = standardize(X, mean, std)
-    assert Z.dtype == np.float32 and np.allclose(Z.mean(0), 0, atol=1e-3)
+    X[:, 3] = 0.0  # a dead ReLU
+    rms = array_rms(X)
+    assert rms == pytest.approx(np.sqrt(np.mean(X.astype(np.float64) ** 2)), rel=1e-9)
+    Z = scale_rows(X, rms)
+    assert Z.dtype == np.float32 and np.sqrt(np.mean(Z.astype(np.float64) ** 2)) == pytest.approx(1.0, rel=1e-5)
+    assert np.all(Z[:, 3] == 0)  # zeros stay zeros: no centring
+    assert array_rms(np.zeros((4, 3), np.float32)) == 1.0
+
+
+def test_svm_keeps_a_small_city():
+    """A city with few training photos must still be predicted (balanced class weights)."""
+    X, y = _city_blobs(1600, seed=2)
+    keep = (y != "Venice") | (np.arange(len(y)) % 8 == 0)  # Venice: 1 in 8 of its photos
+    X, y = X[keep], y[keep]
+    h = LinearSVMHead(random_state=0).fit(X[:-300], y[:-300], X[-300:-150], y[-300:-150])
+    pred = h.predict(X[-150:])
+    venice = y[-150:] == "Venice"
+    assert venice.sum() >= 5 and (pred[venice] == "Venice").mean() > 0.5
+    assert h.temperature_ > 0 and np.allclose(h.predict_proba(X[:10]).sum(1), 1)
+    assert set(h.validation_curve_) == set(h.alphas) and h.chosen_["alpha"] == h.alpha_
+
+
+def test_choices_at_the_edge_of_a_grid_are_flagged():
+    X, y = _city_blobs()
+    edge = LogRegHead(Cs=(1e-6, 1e-5), random_state=0).fit(X[:400], y[:400], X[400:], y[400:])
+    assert edge.C_ == 1e-5 and edge.at_grid_edge_  # the data wants weaker regularisation than the grid has
+    inside = LogRegHead(Cs=(1e-8, 1e-7, 1e-6), random_state=0).fit(X[:400], y[:400], X[400:], y[400:])
+    assert inside.validation_curve_.keys() == {1e-8, 1e-7, 1e-6}
+    assert inside.at_grid_edge_ == (inside.C_ in (1e-8, 1e-6))
+
+
+def test_progress_is_reported_per_epoch_and_candidate():
+    X, y = _city_blobs()
+    calls = []
+    MLPHead(hidden_layer_sizes=(8,), max_iter=3, early_stopping=False, device="cpu", random_state=0).fit(
+        X[:400], y[:400], X[400:], y[400:], progress=lambda step, total, **f: calls.append((step, total, sorted(f))))
+    assert calls == [(i, 3, ["train_loss", "val_acc", "val_loss"]) for i in (1, 2, 3)]
+    calls.clear()
+    LogRegHead(Cs=(0.01, 0.1), random_state=0).fit(X[:400], y[:400], X[400:], y[400:], progress=lambda step, total, **f: calls.append((step, total)))
+    assert calls == [(1, 2), (2, 2)]
 
 
 def test_shuffled_segments_cover_each_row_once():
