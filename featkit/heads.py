@@ -437,20 +437,22 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
         """Loss and gradient of the weighted one-vs-rest squared hinge (float32 products, float64 sums)."""
         k, d = len(self.classes_), source.n_features
 
+        inv = np.float32(1.0 / self.scale_)
+
         def f(theta):
+            # (X / s) @ W == X @ (W / s): the scale is folded into the weights, so no scaled copy of X is made
             W = theta[: d * k].reshape(d, k).astype(np.float32)
             b = theta[d * k :].astype(np.float32)
             loss, gW, gb = 0.0, np.zeros((d, k), np.float64), np.zeros(k, np.float64)
             for Xb, yb in source.blocks(None):
-                Xs = scale_rows(Xb, self.scale_)
                 idx = _encode(self.classes_, yb)
                 Y = -np.ones((len(idx), k), np.float32)
                 Y[np.arange(len(idx)), idx] = 1.0
-                viol = np.maximum(0.0, 1.0 - Y * (Xs @ W + b))
+                viol = np.maximum(0.0, 1.0 - Y * (Xb @ (W * inv) + b))
                 w = weight[idx][:, None]
                 loss += float((w * viol * viol).sum())
                 G = (-2.0 * w * viol * Y).astype(np.float32)
-                gW += Xs.T @ G
+                gW += (Xb.T @ G) * inv
                 gb += G.sum(0)
             self.n_passes_ += 1
             Wd = theta[: d * k]
@@ -499,14 +501,22 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
         return self
 
     def _decision(self, X_scaled: np.ndarray) -> np.ndarray:
-        """One score per city (one-vs-rest); the predicted city has the largest."""
-        return X_scaled @ self.coef_ + self.intercept_
+        """One score per city (one-vs-rest); the predicted city has the largest.
+
+        In float64, a block of rows at a time: a photo's scores then do not depend on which
+        other photos share its batch (float32 matrix kernels sum in batch-dependent orders).
+        """
+        W, b = self.coef_.astype(np.float64), self.intercept_.astype(np.float64)
+        out = np.empty((X_scaled.shape[0], W.shape[1]), dtype=np.float64)
+        for i in range(0, X_scaled.shape[0], 1024):
+            out[i : i + 1024] = X_scaled[i : i + 1024].astype(np.float64) @ W + b
+        return out
 
     def _temperature(self, Xv, yv) -> float:
         """The T that minimises the validation log-loss of softmax(decision / T) (1 without a validation split)."""
         if Xv is None or len(yv) == 0:
             return 1.0
-        d = self._decision(Xv).astype(np.float64)
+        d = self._decision(Xv)
         y = _encode(self.classes_, yv)
         res = minimize_scalar(lambda lt: -log_softmax(d / np.exp(lt), axis=1)[np.arange(len(y)), y].mean(), bounds=(-8, 8), method="bounded")
         return float(np.exp(res.x))
@@ -514,7 +524,7 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
     def predict_proba(self, X):
         check_is_fitted(self, "coef_")
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        return softmax(self._decision(scale_rows(X, self.scale_)).astype(np.float64) / self.temperature_, axis=1)
+        return softmax(self._decision(scale_rows(X, self.scale_)) / self.temperature_, axis=1)
 
 
 # The registry: a new head is one estimator class above plus one line here. A head that also has
