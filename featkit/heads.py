@@ -398,11 +398,12 @@ class LogRegHead(_LinearHead):
 class LinearSVMHead(_BlockTrained, _LinearHead):
     """A linear SVM: one-vs-rest squared hinge loss with L2, class-weighted, solved to convergence by L-BFGS.
 
-    The objective per city k is the mean over photos of ``w_i * max(0, 1 - y_ik f_k(x_i))**2``
+    The objective per city k is the mean over photos of ``w_ik * max(0, 1 - y_ik f_k(x_i))**2``
     plus ``alpha / 2 * ||W_k||**2``, where ``y_ik`` is +1 for photos of city k and -1
-    otherwise, and ``w_i`` weights each photo inversely to its city's share of the
-    training photos, so a small city's one-vs-rest problem is not won by always
-    answering "no" (how a city vanished from the predictions before). ``alpha`` is
+    otherwise, and ``w_ik`` gives city k's photos and all the others half the weight
+    each: every one-vs-rest problem is balanced, so a small city's problem is not won
+    by always answering "no" (how a city vanished from the predictions before) and
+    the cities' scores share one scale for the argmax. ``alpha`` is
     chosen on the validation split's accuracy, sweeping strong to weak
     regularisation with each fit warm-started from the last.
 
@@ -449,7 +450,7 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
                 Y = -np.ones((len(idx), k), np.float32)
                 Y[np.arange(len(idx)), idx] = 1.0
                 viol = np.maximum(0.0, 1.0 - Y * (Xb @ (W * inv) + b))
-                w = weight[idx][:, None]
+                w = np.where(Y > 0, weight[0], weight[1])  # each city's problem: its photos against the rest, balanced
                 loss += float((w * viol * viol).sum())
                 G = (-2.0 * w * viol * Y).astype(np.float32)
                 gW += (Xb.T @ G) * inv
@@ -472,7 +473,9 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
         self.scale_ = source_rms(source)
         self.n_passes_ = 1
         n, k, d = len(labels), len(self.classes_), source.n_features
-        weight = (n / (k * counts)).astype(np.float32)  # per city, applied to each of its photos
+        # In city k's one-vs-rest problem its photos and the others' weigh half each, so every problem is
+        # balanced and the k scores share one scale (a small city is not a "no" by default).
+        weight = np.stack([n / (2.0 * counts), n / (2.0 * (n - counts))]).astype(np.float32)[:, None, :]
         Xv = None if Xv is None else scale_rows(Xv, self.scale_)
         alphas = sorted(self.alphas, reverse=True)
         if Xv is None:
