@@ -77,8 +77,11 @@ def ceiling(net, images_u8: torch.Tensor, n: int, batch_size: int, dev: torch.de
                 return net(x).cpu()  # extract copies float16 features back too
         return net(x)
 
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True  # as extract sets it
     with torch.inference_mode():
-        run(sizes[0])  # warm-up (cudnn autotune, allocator, oneDNN primitives)
+        for k in sorted(set(sizes)):  # warm-up of every batch shape (cuDNN autotunes each), allocator, oneDNN
+            run(k)
         sync(dev)
         t0 = time.perf_counter()
         for k in sizes:
@@ -152,7 +155,7 @@ def main(argv=None) -> None:
     from featkit.backbones import load_backbone
     from featkit.devices import resolve_device
     from featkit.errors import FeatkitError
-    from featkit.extraction import default_workers
+    from featkit.extraction import default_workers, resolve_decode
     from featkit.images import load_image
 
     try:
@@ -214,7 +217,7 @@ def main(argv=None) -> None:
         "image size": f"{spec.image_size}x{spec.image_size}",
         "batch size": f"{args.batch_size}" + ("; 1 for (naive)" if "naive" in variants else ""),
         "extract workers": workers,
-        "decode for (b)": args.decode,
+        "decode for (b)": f"{args.decode} -> {resolve_decode(args.decode, dev)}",
         "weights": spec.weights,
         "repeats": f"{args.repeats} (median)",
     }

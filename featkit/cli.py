@@ -105,7 +105,7 @@ def extract(
     image_size: int = typer.Option(BACKBONE.image_size, "--image-size", help="Square input size (multiple of 32)."),
     dtype: str = typer.Option(EXTRACT.dtype, "--dtype", help="Stored feature dtype: float16 or float32."),
     batch_size: int = typer.Option(EXTRACT.batch_size, "--batch-size"),
-    decode: str = typer.Option(EXTRACT.decode, "--decode", help="Where JPEGs are decoded: auto (the GPU's nvJPEG when --device is CUDA), cpu, or gpu."),
+    decode: str = typer.Option(EXTRACT.decode, "--decode", help="Where JPEGs are decoded: cpu (worker processes), gpu (nvJPEG on the CUDA device; CPU for what it cannot take), or auto (cpu for now)."),
     workers: Optional[int] = typer.Option(EXTRACT.workers, "--workers", help="Image-decoding worker processes (default: cores - 1)."),
     seed: int = SeedOpt,
     test_size: float = typer.Option(EXTRACT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from featkit.errors import FeatkitError
 
 DTYPES = ("float16", "float32")  # how features are stored in the cache
-DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded: auto is gpu (nvJPEG) when the backbone runs on CUDA
+DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded: gpu is nvJPEG on the backbone's CUDA device; auto is cpu for now
 
 
 def _check_size(name: str, value: float) -> None:
@@ -39,7 +39,7 @@ class ExtractOptions:
     batch_size: int = 64
     workers: int | None = None  # image-decoding worker processes; None: cores - 1 (at most 8)
     dtype: str = "float16"
-    decode: str = "auto"  # auto | cpu | gpu (nvJPEG on the backbone's CUDA device, CPU for what it cannot take)
+    decode: str = "auto"  # auto | cpu | gpu (nvJPEG on the backbone's CUDA device, CPU for what it cannot take); auto: cpu for now
     seed: int = 0
     test_size: float = 0.125
     val_size: float = 0.1
