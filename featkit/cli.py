@@ -105,6 +105,7 @@ def extract(
     image_size: int = typer.Option(BACKBONE.image_size, "--image-size", help="Square input size (multiple of 32)."),
     dtype: str = typer.Option(EXTRACT.dtype, "--dtype", help="Stored feature dtype: float16 or float32."),
     batch_size: int = typer.Option(EXTRACT.batch_size, "--batch-size"),
+    decode: str = typer.Option(EXTRACT.decode, "--decode", help="Where JPEGs are decoded: cpu (worker processes), gpu (nvJPEG on the CUDA device; CPU for what it cannot take), or auto (cpu for now)."),
     workers: Optional[int] = typer.Option(EXTRACT.workers, "--workers", help="Image-decoding worker processes (default: cores - 1)."),
     seed: int = SeedOpt,
     test_size: float = typer.Option(EXTRACT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),
@@ -117,7 +118,7 @@ def extract(
 
     s = extract_photos(
         source, cache, weights=weights, pooling=pooling, image_size=image_size, device=device, batch_size=batch_size,
-        workers=workers, dtype=dtype, seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, progress=progress,
+        workers=workers, decode=decode, dtype=dtype, seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, progress=progress,
     )
     if s.reporter:  # under torchrun only rank 0 prints
         typer.echo(s.line())

@@ -244,7 +244,10 @@ class _RankRun:
                 with FeatureStore.open_for_append(path, self.identity, overwrite=True, provenance=self.prov) as shard:
                     bar = progress_bar(len(mine), opts.progress and self.rank == 0)
                     try:
-                        batches = feature_batches(mine, self.net, self.spec.image_size, self.dev, batch_size=opts.batch_size, workers=workers)
+                        batches = feature_batches(
+                            mine, self.net, self.spec.image_size, self.dev,
+                            batch_size=opts.batch_size, workers=workers, decode=opts.decode, dtype=opts.dtype,
+                        )
                         write_batches(shard, batches, splits, self.summary, progress=bar, on_batch=self.on_batch)
                     finally:
                         bar.close()

@@ -3,42 +3,54 @@
 The engine has two public parts that know nothing of each other:
 
 - :func:`feature_batches` turns photos into feature batches. Images are decoded
-  and resized in DataLoader worker processes and travel as uint8 tensors;
-  batches go through the backbone under ``torch.inference_mode()``
-  (half-precision autocast, pinned memory and channels-last on CUDA). It knows
+  and resized in DataLoader worker processes and travel as uint8 tensors, or,
+  with ``decode`` gpu (auto on CUDA), the workers read JPEG bytes and nvJPEG
+  decodes them on the device, which also resizes. Batches go through the
+  backbone under ``torch.inference_mode()`` (half-precision autocast, pinned
+  memory and channels-last on CUDA); on CUDA the next batch is launched before
+  the last one's features (float16 when the cache is) are copied back, and an
+  out-of-memory error halves the batch instead of ending the run. It knows
   nothing about the store.
-- :func:`write_batches` appends those batches to a :class:`~featkit.store.FeatureStore`,
-  committing each batch before the next, so a killed run resumes where it stopped.
+- :func:`write_batches` appends those batches to a :class:`~featkit.store.FeatureStore`
+  from a writer thread fed by a bounded queue, committing each batch before the
+  next, so the slowest stage (decode, forward, write) sets the pace and a killed
+  run resumes where it stopped.
 
 :func:`extract_features` drives both for one process; :mod:`featkit.distributed`
 drives the same parts on every torchrun rank. Both take one :class:`~featkit.options.ExtractOptions`.
-A photo that cannot be read is recorded with its reason and skipped; it never aborts the run.
-"""
+A photo that cannot be read is recorded with its reason and skipped; it never aborts the run."""
 
 from __future__ import annotations
 
+import io
 import os
+import queue
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from featkit.backbones import BackboneSpec, FeatureNet
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
 from featkit.images import UnreadableImage, load_image
 from featkit.manifest import Photo
-from featkit.options import ExtractOptions
+from featkit.options import DECODES, EXTRACT, ExtractOptions
 from featkit.provenance import provenance
 from featkit.splits import assign_splits, split_counts
 from featkit.store import FAILED_CSV, FeatureStore, cache_identity
 
 
 class _PhotoDataset(torch.utils.data.Dataset):
+    """Photo ``i`` -> ``(i, pixels, reason)``: uint8 (3, size, size), or None and why not."""
+
     def __init__(self, paths: list[str], size: int):
         self.paths, self.size = paths, size
 
@@ -59,12 +71,53 @@ def _collate(items):
     return [i for i, _ in ok], images, bad
 
 
+def _nvjpeg_can_take(data: bytes) -> bool:
+    """Whether nvJPEG decodes ``data`` exactly as :func:`load_image` would: a complete baseline
+    3-channel JPEG without an EXIF rotation (nvJPEG ignores EXIF and may pass truncated data)."""
+    if data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the headers only
+            return (
+                im.format == "JPEG" and im.mode == "RGB" and not im.info.get("progressive")
+                and not im.info.get("progression") and im.getexif().get(0x0112, 1) == 1
+            )
+    except Exception:  # anything odd: the CPU path decides, and records the reason if it fails
+        return False
+
+
+class _JpegDataset(_PhotoDataset):
+    """Photo ``i`` -> its file bytes when nvJPEG can take them, else decoded on the CPU as by :class:`_PhotoDataset`."""
+
+    def __getitem__(self, i: int):
+        try:
+            data = Path(self.paths[i]).read_bytes()
+        except OSError:
+            data = b""
+        if data and _nvjpeg_can_take(data):
+            return i, data, ""
+        return super().__getitem__(i)
+
+
+def _collate_jpeg(items):
+    """One uint8 tensor of all the JPEG bytes (one transfer from the worker), their offsets, and the CPU-decoded rest."""
+    jpeg = [(i, d) for i, d, _ in items if isinstance(d, bytes)]
+    cpu = [(i, t, r) for i, t, r in items if not isinstance(t, bytes)]
+    buf = torch.frombuffer(bytearray(b"".join(d for _, d in jpeg)), dtype=torch.uint8) if jpeg else torch.empty(0, dtype=torch.uint8)
+    ends = np.cumsum([len(d) for _, d in jpeg]).tolist()
+    return [i for i, _ in jpeg], buf, ends, _collate(cpu)
+
+
 @dataclass
 class FeatureBatch:
-    """Photos that were read and their features (rows in the same order), and photos that were not."""
+    """Photos that were read and their features (rows in the same order), and photos that were not.
+
+    ``features`` is float32, or float16 when the run stores float16 and the
+    backbone ran on CUDA (its autocast output, copied back without a float32 round trip).
+    """
 
     photos: list[Photo]
-    features: np.ndarray  # (len(photos), feature_dim) float32
+    features: np.ndarray  # (len(photos), feature_dim)
     failed: list[tuple[Photo, str]]  # (photo, reason)
 
 
@@ -73,40 +126,236 @@ def default_workers(processes_per_node: int = 1) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // max(1, processes_per_node) - 1))
 
 
+def resolve_decode(decode: str, dev: torch.device) -> str:
+    """``cpu`` or ``gpu`` (nvJPEG on the backbone's CUDA device); ``auto`` is ``cpu`` for now.
+
+    ``auto`` stays on the CPU until the nvJPEG path has run clean at scale:
+    on an H100 (torch 2.11, torchvision 0.26) one 20,000-photo run stalled
+    inside ``decode_jpeg``. ``gpu`` asks for it explicitly.
+    """
+    if decode not in DECODES:
+        raise FeatkitError(f"unknown `decode` {decode!r}; choose one of: {', '.join(DECODES)}", param="decode")
+    if decode in ("cpu", "auto"):
+        return "cpu"
+    if dev.type != "cuda":
+        raise FeatkitError(
+            f"`decode` gpu needs the backbone on a CUDA GPU, but this run's device is {dev}; use `decode` cpu or auto (or `device` cuda)",
+            param="decode",
+        )
+    problem = _nvjpeg_problem(dev)
+    if problem is None:
+        return "gpu"
+    raise FeatkitError(f"`decode` gpu asked for, but torchvision cannot decode JPEGs on {dev} ({problem}); use `decode` cpu or auto", param="decode")
+
+
+def _nvjpeg_problem(dev: torch.device) -> str | None:
+    """None when torchvision's nvJPEG decode works on ``dev``, else why not."""
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 100, 50)).save(buf, format="JPEG")
+        out = _decode_on_gpu([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], dev)
+        return None if tuple(out[0].shape) == (3, 16, 16) else f"got shape {tuple(out[0].shape)}"
+    except Exception as e:  # missing image ops, no nvJPEG in this build, driver problems
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _decode_on_gpu(datas: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision points to torchcodec; decode_jpeg stays
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
+
+
+class _GpuDecoder:
+    """nvJPEG decode and resize on a side stream of their own.
+
+    torchvision's CUDA decoder allocates its outputs on the current stream but
+    writes them from a private stream that does not wait for it
+    (pytorch/vision#9606), so on the backbone's stream it could be handed memory
+    the queued forward pass still reads. On a side stream, drained before each
+    decode, it only ever gets blocks of finished decodes; the batch it hands
+    over is recorded on the backbone's stream so it is not recycled early.
+    """
+
+    def __init__(self, photos: list[Photo], size: int, dev: torch.device):
+        self.photos, self.size, self.dev = photos, size, dev
+        self.stream = torch.cuda.Stream(dev)
+
+    def __call__(self, item):
+        main = torch.cuda.current_stream(self.dev)
+        self.stream.synchronize()
+        with torch.cuda.stream(self.stream):
+            idx, images, bad = _gpu_images(item, self.photos, self.size, self.dev)
+        if images is not None:
+            main.wait_stream(self.stream)
+            images.record_stream(main)
+        return idx, images, bad
+
+
+def resize_on_device(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """uint8 (3, H, W) images on one device -> uint8 (B, 3, size, size), like :func:`load_image`'s
+    PIL bilinear resize (antialiased when shrinking), batched over images of the same size."""
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images[0].device)
+    by_shape: dict[tuple, list[int]] = {}
+    for k, im in enumerate(images):
+        by_shape.setdefault(tuple(im.shape), []).append(k)
+    for shape, ks in by_shape.items():
+        x = torch.stack([images[k] for k in ks]).float()
+        if shape[1:] != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[ks] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+class _Backbone:
+    """The net on its device, run on uint8 batches; halves the batch on CUDA out-of-memory and goes on."""
+
+    def __init__(self, net: FeatureNet, dev: torch.device, batch_size: int):
+        self.dev, self.on_cuda = dev, dev.type == "cuda"
+        if self.on_cuda:
+            torch.backends.cudnn.benchmark = True
+            self.net = net.to(dev, memory_format=torch.channels_last)
+        else:
+            self.net = net.to(dev)
+        self.chunk = batch_size  # the largest batch the device has managed; halved on out-of-memory
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n, outs, start = len(images), [], 0
+        while start < n:
+            k = min(self.chunk, n - start)
+            try:
+                outs.append(self._forward(images[start : start + k]))
+                start += k
+            except torch.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise FeatkitError(
+                        f"{self.dev} ran out of memory on a batch of one photo; free the GPU (other processes?) or use `device` cpu",
+                        param="device",
+                    ) from None
+                self.chunk = max(1, min(self.chunk, k) // 2)
+                if self.on_cuda:
+                    torch.cuda.empty_cache()
+                print(f"featkit: {self.dev} out of memory; batches of {self.chunk} from now on", file=sys.stderr, flush=True)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.on_cuda:
+            return self.net(x)
+        k = len(x)
+        if k < self.chunk:  # pad to the usual shape: one cuDNN autotune per batch size, not one per short batch
+            x = torch.cat([x, x.new_zeros((self.chunk - k, *x.shape[1:]))])
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16):
+            return self.net(x)[:k]
+
+
 def feature_batches(
-    photos: list[Photo], net: FeatureNet, image_size: int, dev: torch.device, *, batch_size: int = 64, workers: int = 0
+    photos: list[Photo],
+    net: FeatureNet,
+    image_size: int,
+    dev: torch.device,
+    *,
+    batch_size: int = EXTRACT.batch_size,
+    workers: int = 0,
+    decode: str = EXTRACT.decode,
+    dtype: str = "float32",
 ) -> Iterator[FeatureBatch]:
-    """Run ``photos`` through ``net`` on ``dev``, ``batch_size`` at a time, in order."""
+    """Run ``photos`` through ``net`` on ``dev``, ``batch_size`` at a time, in order.
+
+    Decoding runs in ``workers`` DataLoader processes, or, with ``decode`` gpu
+    (auto on CUDA), in nvJPEG on the device, with the workers reading file
+    bytes and decoding on the CPU only what nvJPEG cannot take. On CUDA the
+    next batch is launched before the previous one's features are handed out,
+    so the device-to-host copy (into pinned memory, float16 when ``dtype`` is
+    float16) overlaps the next forward pass. A CUDA out-of-memory error halves
+    the batch and goes on.
+    """
     if not photos:
         return
-    on_cuda = dev.type == "cuda"
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
-        net = net.to(dev, memory_format=torch.channels_last)
-    else:
-        net = net.to(dev)
+    mode = resolve_decode(decode, dev)
+    backbone = _Backbone(net, dev, batch_size)
+    on_cuda = backbone.on_cuda
+    paths = [str(p.path) for p in photos]
     loader = torch.utils.data.DataLoader(
-        _PhotoDataset([str(p.path) for p in photos], image_size),
+        _JpegDataset(paths, image_size) if mode == "gpu" else _PhotoDataset(paths, image_size),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=on_cuda,
+        collate_fn=_collate_jpeg if mode == "gpu" else _collate,
+        pin_memory=on_cuda and mode == "cpu",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    with torch.inference_mode():
-        for idx, images, bad in loader:
+    out_dtype = torch.float16 if (on_cuda and dtype == "float16") else torch.float32
+    gpu_decoder = _GpuDecoder(photos, image_size, dev) if mode == "gpu" else None
+
+    @torch.inference_mode()  # only around the work: a generator must not leave the mode on while suspended at a yield
+    def launch(item):
+        """Decode (GPU path), forward and start the copy back; returns what ``finish`` needs."""
+        if mode == "gpu":
+            idx, images, bad = gpu_decoder(item)
+        else:
+            idx, images, bad = item
+        if images is None:
+            return idx, None, bad, None
+        out = backbone(images.to(dev, non_blocking=on_cuda))
+        if not on_cuda:
+            return idx, out.numpy(), bad, None
+        host = torch.empty(out.shape, dtype=out_dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return idx, host, bad, done
+
+    def finish(launched) -> FeatureBatch:
+        idx, feats, bad, done = launched
+        if feats is None:
             feats = np.empty((0, 0), dtype=np.float32)  # a batch of only unreadable photos
-            if images is not None:
-                images = images.to(dev, non_blocking=on_cuda)
-                if on_cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        out = net(images)
-                else:
-                    out = net(images)
-                feats = out.float().cpu().numpy()
-            yield FeatureBatch([photos[i] for i in idx], feats, [(photos[i], reason) for i, reason in bad])
+        elif done is not None:
+            done.synchronize()
+            feats = feats.numpy()
+        return FeatureBatch([photos[i] for i in idx], feats, [(photos[i], reason) for i, reason in bad])
+
+    pending = None
+    for item in loader:
+        if not on_cuda:  # nothing runs asynchronously: hand each batch out at once
+            yield finish(launch(item))
+            continue
+        launched = launch(item)
+        if pending is not None:
+            yield finish(pending)
+        pending = launched
+    if pending is not None:
+        yield finish(pending)
+
+
+def _gpu_images(item, photos: list[Photo], size: int, dev: torch.device):
+    """A GPU-path batch -> (indices, uint8 images on ``dev`` in that order, failures).
+
+    A batch nvJPEG refuses is retried photo by photo; a photo it still refuses
+    is decoded on the CPU (which records the reason if that fails too)."""
+    jpeg_idx, buf, ends, (cpu_idx, cpu_images, bad) = item
+    decoded: dict[int, torch.Tensor] = {}
+    if jpeg_idx:
+        datas = [buf[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        try:
+            decoded = dict(zip(jpeg_idx, _decode_on_gpu(datas, dev)))
+        except RuntimeError:
+            for i, d in zip(jpeg_idx, datas):
+                try:
+                    decoded[i] = _decode_on_gpu([d], dev)[0]
+                except RuntimeError:
+                    try:
+                        decoded[i] = load_image(photos[i].path, size).to(dev)
+                    except UnreadableImage as e:
+                        bad = bad + [(i, str(e))]
+    resized = dict(zip(decoded, resize_on_device(list(decoded.values()), size))) if decoded else {}
+    if cpu_images is not None:
+        resized.update(zip(cpu_idx, cpu_images.to(dev)))
+    if not resized:
+        return [], None, bad
+    order = sorted(resized)  # the loader's order: photo indices ascend within a batch
+    return order, torch.stack([resized[i] for i in order]), sorted(bad)
 
 
 @dataclass
@@ -145,6 +394,56 @@ class ExtractSummary:
         store.write_failed_csv(self.failed_csv)
 
 
+_DONE = object()
+
+
+class _Writer(threading.Thread):
+    """The writer thread of :func:`write_batches`: takes batches from a bounded queue, one commit each."""
+
+    def __init__(self, write_one: Callable[[FeatureBatch], None], queue_size: int):
+        super().__init__(name="featkit-writer", daemon=True)
+        self.write_one, self.queue = write_one, queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                b = self.queue.get()
+                if b is _DONE or self.stopping.is_set():
+                    return
+                self.write_one(b)
+        except BaseException as e:  # on_batch's KeyboardInterrupt included: the caller re-raises it
+            self.error = e
+
+    def put(self, b) -> None:
+        """Queue ``b``, waiting while the queue is full; re-raise the writer's error, if any, here."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self.is_alive():
+                raise RuntimeError("featkit's writer thread stopped unexpectedly")
+            try:
+                self.queue.put(b, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def stop(self) -> None:
+        """Drop what is queued (never committed: a rerun extracts it), let the batch being written finish, and wait."""
+        self.stopping.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self.queue.put_nowait(_DONE)
+        except queue.Full:
+            pass
+        self.join()
+
+
 def write_batches(
     store: FeatureStore,
     batches: Iterable[FeatureBatch],
@@ -153,9 +452,21 @@ def write_batches(
     *,
     progress=None,
     on_batch: Callable[[int], None] | None = None,
+    queue_size: int = 4,
 ) -> None:
-    """Append each batch (rows, features and failures) to ``store``, one commit per batch."""
-    for b in batches:
+    """Append each batch (rows, features and failures) to ``store``, one commit per batch.
+
+    The appends run in a writer thread fed through a queue of ``queue_size``
+    batches, so producing the next batches (decoding, the forward pass)
+    overlaps writing this one; ``queue_size=0`` writes in the calling thread.
+    ``on_batch(n_done)`` runs after each commit, in the writer. An exception
+    there (or in the append) stops the writer and is raised here; an
+    exception here (KeyboardInterrupt) lets the batch being written finish its
+    commit and drops the queued ones. Either way the store holds only whole,
+    committed batches, and returns with no thread writing to it.
+    """
+
+    def write_one(b: FeatureBatch) -> None:
         rows = {
             "photo_id": [p.photo_id for p in b.photos],
             "city": [p.city for p in b.photos],
@@ -170,6 +481,23 @@ def write_batches(
             progress.update(len(b.photos) + len(b.failed))
         if on_batch is not None:
             on_batch(summary.n_extracted + summary.n_skipped)
+
+    if queue_size <= 0:
+        for b in batches:
+            write_one(b)
+        return
+    writer = _Writer(write_one, queue_size)
+    writer.start()
+    try:
+        for b in batches:
+            writer.put(b)
+        writer.put(_DONE)
+        writer.join()
+    except BaseException:
+        writer.stop()
+        raise
+    if writer.error is not None:
+        raise writer.error
 
 
 def split_protocol(options: ExtractOptions) -> dict:
@@ -214,7 +542,7 @@ def plan(store: FeatureStore, photos: list[Photo], options: ExtractOptions) -> t
 def extraction_provenance(dev: torch.device, spec: BackboneSpec, options: ExtractOptions, **extra) -> dict:
     """The provenance record stored in a cache: who, when, with what, on which device."""
     return provenance(
-        device=str(dev), seed=options.seed, test_size=options.test_size, val_size=options.val_size, backbone=spec.describe(), **extra
+        device=str(dev), decode=resolve_decode(options.decode, dev), seed=options.seed, test_size=options.test_size, val_size=options.val_size, backbone=spec.describe(), **extra
     )
 
 
@@ -245,13 +573,15 @@ def extract_features(
     cache_path = Path(cache_path)
     summary = ExtractSummary(cache_path=str(cache_path), failed_csv=str(cache_path.with_name(FAILED_CSV)))
     t0 = time.perf_counter()
-    prov = extraction_provenance(dev, spec, options)
+    prov = extraction_provenance(dev, spec, options)  # a bad `decode` fails here, before the cache is touched
     with FeatureStore.open_for_append(cache_path, cache_identity(spec, options.dtype), overwrite=options.overwrite, provenance=prov) as store:
         splits, todo = plan(store, photos, options)
         summary.n_already = len(photos) - len(todo)
         bar = progress_bar(len(todo), options.progress)
         try:
-            batches = feature_batches(todo, net, spec.image_size, dev, batch_size=options.batch_size, workers=workers)
+            batches = feature_batches(
+                todo, net, spec.image_size, dev, batch_size=options.batch_size, workers=workers, decode=options.decode, dtype=options.dtype
+            )
             write_batches(store, batches, splits, summary, progress=bar, on_batch=on_batch)
         except KeyboardInterrupt:
             summary.interrupted = True

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from featkit.errors import FeatkitError
 
 DTYPES = ("float16", "float32")  # how features are stored in the cache
+DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded: gpu is nvJPEG on the backbone's CUDA device; auto is cpu for now
 
 
 def _check_size(name: str, value: float) -> None:
@@ -38,6 +39,7 @@ class ExtractOptions:
     batch_size: int = 64
     workers: int | None = None  # image-decoding worker processes; None: cores - 1 (at most 8)
     dtype: str = "float16"
+    decode: str = "auto"  # auto | cpu | gpu (nvJPEG on the backbone's CUDA device, CPU for what it cannot take); auto: cpu for now
     seed: int = 0
     test_size: float = 0.125
     val_size: float = 0.1
@@ -47,6 +49,8 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise FeatkitError(f"unknown `dtype` {self.dtype!r}; choose one of: {', '.join(DTYPES)}", param="dtype")
+        if self.decode not in DECODES:
+            raise FeatkitError(f"unknown `decode` {self.decode!r}; choose one of: {', '.join(DECODES)}", param="decode")
         if self.batch_size < 1:
             raise FeatkitError(f"`batch_size` must be at least 1; got {self.batch_size}", param="batch_size")
         if self.workers is not None and self.workers < 0:
