@@ -125,7 +125,7 @@ def test_next_run_joins_a_killed_runs_shards_first(tmp_path, backbone, one_rank_
     shard0 = _contents(shard_path(cache, 0, 2))[0]
 
     net, spec = backbone
-    s = extract_distributed(photos, net, spec, cache, ExtractOptions(batch_size=4, workers=0, progress=False), ONE_RANK)
+    s = extract_distributed(photos, net, spec, cache, ExtractOptions(batch_size=4, workers=0, progress=False, test_size=0, val_size=0), ONE_RANK)
     assert (s.n_already, s.n_extracted, s.n_skipped) == (4 + 8 + 1, 6, 0)
     assert (s.n_total_rows, s.n_total_failed) == (18, 1) and s.reporter
     assert shard_files(cache) == []
