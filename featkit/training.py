@@ -105,32 +105,38 @@ def fit_heads(
                     est.fit(Xtr, ytr, Xva, yva, progress=bar.update)
                     how = "in memory"
             seconds = time.perf_counter() - t0
-            val_score = float(est.score(Xva, yva)) if yva is not None else None
             record = {
-                "head": name,
-                "cache_id": store.cache_id,
-                "split_id": split_id,
-                "cache_identity": store.identity,
-                "cities": cities,
-                "params": est.get_params(),
-                "chosen": dict(est.chosen_),
-                "validation_curve": _plain(est.validation_curve_),
-                "at_grid_edge": bool(est.at_grid_edge_),
-                "val_score": val_score,
-                "seed": seed,
+                **_head_record(name, est, store, cities=cities, split_id=split_id, seed=seed, device=device, Xva=Xva, yva=yva),
                 "fit_seconds": seconds,
                 "training": how,
-                "passes": int(getattr(est, "n_passes_", 0)),
                 "n_train": int(len(train_rows)),
-                "n_val": int(0 if yva is None else len(yva)),
-                "provenance": provenance(seed=seed, device=device),
             }
             path = out / f"{name}.joblib"
             save_head(path, est, record)
             records.append(record)
             chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())
-            log(f"{name}: val accuracy {_pct(val_score)} in {seconds:.1f}s, {how}, {record['passes']} passes ({chosen}) -> {path}")
+            log(f"{name}: val accuracy {_pct(record['val_score'])} in {seconds:.1f}s, {how}, {record['passes']} passes ({chosen}) -> {path}")
     return records
+
+
+def _head_record(name: str, est, store: FeatureStore, *, cities, split_id, seed, device, Xva, yva) -> dict:
+    """What a saved head carries besides itself: what it was trained on, what it chose, how it was made."""
+    return {
+        "head": name,
+        "cache_id": store.cache_id,
+        "split_id": split_id,
+        "cache_identity": store.identity,
+        "cities": cities,
+        "params": est.get_params(),
+        "chosen": dict(est.chosen_),
+        "validation_curve": _plain(est.validation_curve_),
+        "at_grid_edge": bool(est.at_grid_edge_),
+        "val_score": float(est.score(Xva, yva)) if yva is not None else None,
+        "n_val": int(0 if yva is None else len(yva)),
+        "seed": seed,
+        "passes": int(getattr(est, "n_passes_", 0)),
+        "provenance": provenance(seed=seed, device=device),
+    }
 
 
 class _ProgressBar:
