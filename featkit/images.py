@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure to record, not grey pixels
 Image.MAX_IMAGE_PIXELS = 200_000_000  # guard against decompression bombs without refusing big photos
@@ -49,6 +52,8 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
             else:
                 raise UnreadableImage(f"unsupported image mode {mode}")
             im = im.resize((size, size), Image.BILINEAR)
+            import torch  # only here: the downloader's checks and hashes need no torch
+
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     except UnreadableImage:
         raise

@@ -80,6 +80,7 @@ def test_only_main_imports_the_cli():
         ("featkit.metrics", ("torch", "torchvision", "h5py", "flickrapi")),
         ("featkit.heads", ("torchvision", "h5py", "flickrapi")),
         ("featkit.report", ("torch", "torchvision", "h5py", "flickrapi")),
+        ("featkit.collect", ("torch", "torchvision", "h5py", "sklearn")),
     ],
 )
 def test_light_modules_stay_light(module, forbidden):
