@@ -4,7 +4,7 @@ The engine has two public parts that know nothing of each other:
 
 - :func:`feature_batches` turns photos into feature batches. Images are decoded
   and resized in DataLoader worker processes and travel as uint8 tensors, or,
-  with ``decode`` gpu (auto on CUDA), the workers read JPEG bytes and nvJPEG
+  with ``decode`` gpu (``auto`` means cpu for now), the workers read JPEG bytes and nvJPEG
   decodes them on the device, which also resizes. Batches go through the
   backbone under ``torch.inference_mode()`` (half-precision autocast, pinned
   memory and channels-last on CUDA); on CUDA the next batch is launched before
@@ -22,6 +22,7 @@ A photo that cannot be read is recorded with its reason and skipped; it never ab
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import queue
@@ -148,6 +149,7 @@ def resolve_decode(decode: str, dev: torch.device) -> str:
     raise FeatkitError(f"`decode` gpu asked for, but torchvision cannot decode JPEGs on {dev} ({problem}); use `decode` cpu or auto", param="decode")
 
 
+@functools.lru_cache(maxsize=None)  # one trial decode per device, however often a run asks
 def _nvjpeg_problem(dev: torch.device) -> str | None:
     """None when torchvision's nvJPEG decode works on ``dev``, else why not."""
     try:
@@ -264,7 +266,7 @@ def feature_batches(
     """Run ``photos`` through ``net`` on ``dev``, ``batch_size`` at a time, in order.
 
     Decoding runs in ``workers`` DataLoader processes, or, with ``decode`` gpu
-    (auto on CUDA), in nvJPEG on the device, with the workers reading file
+    (``auto`` means cpu for now), in nvJPEG on the device, with the workers reading file
     bytes and decoding on the CPU only what nvJPEG cannot take. On CUDA the
     next batch is launched before the previous one's features are handed out,
     so the device-to-host copy (into pinned memory, float16 when ``dtype`` is

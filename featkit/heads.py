@@ -26,7 +26,8 @@ Every head's ``fit(X, y, X_val=None, y_val=None, progress=None)`` uses the given
 validation split for early stopping / model selection, and carves
 ``validation_fraction`` of the training data (stratified) when none is given.
 Nothing here touches the test split. ``progress(step, total, **figures)`` is
-called after each epoch or candidate. After fitting, every head has
+called after each epoch or candidate (the class attribute ``progress_unit``
+says which). After fitting, every head has
 ``chosen_`` (what it chose), ``validation_curve_`` (validation accuracy per
 candidate or epoch) and ``at_grid_edge_`` (whether the choice sat at the end of
 its range). This module imports neither h5py nor torchvision.
@@ -41,7 +42,7 @@ import warnings
 import joblib
 import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -184,6 +185,8 @@ class MLPHead(_BlockTrained):
     and web photos. Inputs are divided by the training set's RMS (see the
     module docstring). Parameter names follow ``sklearn.neural_network.MLPClassifier``.
     """
+
+    progress_unit = "epoch"  # what one progress step is, for fit's bar
 
     def __init__(
         self,
@@ -339,6 +342,8 @@ class LogRegHead(_LinearHead):
     memory at the study's size).
     """
 
+    progress_unit = "candidate"
+
     def __init__(self, Cs=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1), max_iter=300, tol=1e-4, validation_fraction=0.1, copy=True, random_state=None):
         self.Cs = Cs
         self.max_iter = max_iter
@@ -423,11 +428,12 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
     per-city Platt sigmoids fitted on a handful of validation photos reorder them.
     """
 
-    def __init__(self, alphas=(1e-1, 1e-2, 1e-3, 1e-4), max_iter=100, tol=1e-5, block_rows=4096, validation_fraction=0.1, random_state=None):
+    progress_unit = "candidate"
+
+    def __init__(self, alphas=(1e-1, 1e-2, 1e-3, 1e-4), max_iter=100, tol=1e-5, validation_fraction=0.1, random_state=None):
         self.alphas = alphas
         self.max_iter = max_iter
         self.tol = tol
-        self.block_rows = block_rows
         self.validation_fraction = validation_fraction
         self.random_state = random_state
 
@@ -464,8 +470,6 @@ class LinearSVMHead(_BlockTrained, _LinearHead):
         return f
 
     def _fit_source(self, source, Xv, yv, seed, progress=None):
-        from scipy.optimize import minimize
-
         labels = source.labels()
         self.classes_, counts = np.unique(labels, return_counts=True)
         _check_two_classes(self.classes_, type(self).__name__)

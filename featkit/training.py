@@ -62,7 +62,7 @@ def fit_heads(
 
     ``params`` maps a head name to its parameters (``{"mlp": {"max_iter": 50}}``).
     In memory (the default when it fits) the float32 training matrix is read
-    once and shared; a head that can standardise it in place (``copy``) runs
+    once and shared; a head that can scale it in place (``copy``) runs
     last and does so. Streaming (``stream="yes"``, or ``auto`` on a cache
     larger than half the free memory) trains the heads that can from shuffled
     blocks of the cache; the others still load it.
@@ -80,7 +80,7 @@ def fit_heads(
         streaming = should_stream(len(train_rows), store.n_features, stream)
         heads = {n: make_head(n, random_state=seed, **params.get(n, {})) for n in names}  # bad parameters fail before any work
         streamed = {n for n, h in heads.items() if streaming and can_stream(h)}
-        # One head that can standardise the shared training matrix in place (``copy``) does so, and runs last.
+        # One head that can scale the shared training matrix in place (``copy``) does so, and runs last.
         in_place = [n for n in names if n not in streamed and "copy" in heads[n].get_params()][-1:]
         names = [n for n in names if n not in in_place] + in_place
         Xva, yva, _ = store.load_split("val")
@@ -97,7 +97,7 @@ def fit_heads(
             if name not in streamed and Xtr is None:
                 Xtr, ytr, _ = store.load_split("train")
             t0 = time.perf_counter()
-            with _ProgressBar(name, progress) as bar:
+            with _ProgressBar(name, progress, getattr(est, "progress_unit", "step")) as bar:
                 if name in streamed:
                     est.fit_blocks(store.blocks("train", block_rows), Xva, yva, progress=bar.update)
                     how = "streamed"
@@ -142,8 +142,8 @@ def _head_record(name: str, est, store: FeatureStore, *, cities, split_id, seed,
 class _ProgressBar:
     """One tqdm bar per head on stderr: epoch or candidate, losses, validation accuracy, rate and time left."""
 
-    def __init__(self, name: str, enabled: bool):
-        self.name, self.enabled, self.bar = name, enabled, None
+    def __init__(self, name: str, enabled: bool, unit: str = "step"):
+        self.name, self.enabled, self.unit, self.bar = name, enabled, unit, None
 
     def __enter__(self) -> "_ProgressBar":
         return self
@@ -154,7 +154,7 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            unit = "epoch" if self.name == "mlp" else "fit"
+            unit = self.unit
             self.bar = tqdm(total=total, desc=f"fit {self.name}", unit=unit, dynamic_ncols=True, file=sys.stderr, leave=False)
         self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in figures.items()}, refresh=False)
         self.bar.update(step - self.bar.n)
