@@ -1,7 +1,7 @@
 """featkit: learn where a photo was taken from frozen-CNN features and classical heads.
 
-The public API (``extract``, ``fit``, ``compare``, ``FeatkitError``, the option
-classes) is imported lazily, so ``import featkit`` does not import torch.
+The public API (``extract``, ``fit``, ``compare``, ``predict`` with ``Predictor``
+and ``Prediction``, ``FeatkitError``, the option classes) is imported lazily, so ``import featkit`` does not import torch.
 """
 
 __version__ = "0.1.0"
@@ -11,6 +11,9 @@ _LAZY = {
     "fit": "featkit.api",
     "split": "featkit.api",
     "compare": "featkit.api",
+    "predict": "featkit.api",
+    "Predictor": "featkit.prediction",
+    "Prediction": "featkit.prediction",
     "FeatkitError": "featkit.errors",
     "ExtractOptions": "featkit.options",
     "BackboneOptions": "featkit.options",

@@ -4,6 +4,8 @@
     featkit.extract("photos/", "cache", weights="vgg16_features.pth")
     featkit.fit("cache", head="all")
     results = featkit.compare("cache", "reports")
+    for p in featkit.predict(["new/cafe.jpg"], cache_dir="cache"):
+        print(p.source, p.top)
 
 Defaults come from :mod:`featkit.options` (the CLI shows the same ones).
 """
@@ -14,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from featkit.options import BACKBONE, EXTRACT, BackboneOptions, ExtractOptions
+from featkit.options import BACKBONE, EXTRACT, PREDICT, BackboneOptions, ExtractOptions
 
 
 def extract(
@@ -33,7 +35,7 @@ def extract(
     (``weights=PATH, batch_size=32, device="cuda"``). Under torchrun every
     process calls this with the same arguments and the photos are sharded.
     """
-    from featkit.backbones import load_backbone
+    from featkit.backbones import load_backbone, weights_source
     from featkit.devices import resolve_device
     from featkit.distributed import extract_distributed, torchrun_env
     from featkit.extraction import extract_features
@@ -45,10 +47,11 @@ def extract(
     photos = scan_photos(source)
     net, spec = load_backbone(backbone.weights, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.seed)
     path = cache_file(cache_dir)
+    source = weights_source(backbone.weights)  # recorded in the cache, so `predict` finds the same weights
     ranks = torchrun_env()
     if ranks is not None:
-        return extract_distributed(photos, net, spec, path, options, ranks, on_batch=on_batch)
-    return extract_features(photos, net, spec, path, options, on_batch=on_batch)
+        return extract_distributed(photos, net, spec, path, options, ranks, on_batch=on_batch, weights_source=source)
+    return extract_features(photos, net, spec, path, options, on_batch=on_batch, weights_source=source)
 
 
 def _split_overrides(backbone: BackboneOptions, options: ExtractOptions, overrides: dict):
@@ -100,10 +103,45 @@ def fit(
     return fit_heads(cache_dir, head, seed=seed, device=device, params=params, stream=stream, progress=progress, log=log)
 
 
-def compare(cache_dir: str | Path = "cache", reports_dir: str | Path = "reports") -> tuple[dict, dict[str, Path]]:
-    """Evaluate every fitted head on the cache's test split and write the report; returns ``(results, paths)``."""
+def compare(
+    cache_dir: str | Path = "cache", reports_dir: str | Path = "reports", *, cities: str | None = None, leaks: bool = True
+) -> tuple[dict, dict[str, Path]]:
+    """Evaluate every fitted head on the cache's test split and write the report (compare.md, .json, .html);
+    returns ``(results, paths)``.
+
+    ``cities``: where the cities' coordinates come from for the distance figures (a cities .toml file or
+    default names); by default a ``cities.toml`` beside the city folders, then featkit's default cities.
+    ``leaks``: check the split for owners and near-duplicates shared by test and train (reads the photo files).
+    """
     from featkit.evaluate import evaluate_heads
     from featkit.report import write_report
 
-    results = evaluate_heads(cache_dir)
+    results = evaluate_heads(cache_dir, cities_spec=cities, leaks=leaks)
     return results, write_report(results, reports_dir)
+
+
+def predict(
+    inputs,
+    cache_dir: str | Path = "cache",
+    *,
+    head: str | None = PREDICT.head,
+    weights: str | None = PREDICT.weights,
+    seed: int | None = PREDICT.seed,
+    device: str = PREDICT.device,
+    top: int = PREDICT.top,
+    batch_size: int = PREDICT.batch_size,
+    workers: int | None = PREDICT.workers,
+) -> list:
+    """Where were these photos taken? One ``Prediction`` (``source``, ``top`` cities with probabilities,
+    ``error``) per photo of ``inputs``: paths, folders (walked), PIL images, uint8 arrays, or a list of them.
+
+    ``head``: a fitted head of ``cache_dir`` (default: the best on validation).
+    ``weights``: default, the ones the cache was extracted with; others are
+    refused unless they are the same weights. Many calls: build one
+    :class:`featkit.prediction.Predictor` and call its ``predict``.
+    """
+    from featkit.prediction import Predictor, check_top
+
+    check_top(top)
+    predictor = Predictor(cache_dir, head, weights=weights, seed=seed, device=device, batch_size=batch_size, workers=workers)
+    return predictor.predict(inputs, top=top)

@@ -52,6 +52,12 @@ class BackboneSpec:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
+    @property
+    def weights_seed(self) -> int | None:
+        """The seed of random weights (``random:seed=N``), else None."""
+        prefix = "random:seed="
+        return int(self.weights[len(prefix) :]) if self.weights.startswith(prefix) else None
+
     def describe(self) -> str:
         return (
             f"{self.arch} weights={self.weights} (sha256 {self.weights_sha256[:12]}) "
@@ -88,6 +94,28 @@ class FeatureNet(nn.Module):
         if self.pooling == "avg":
             x = torch.nn.functional.adaptive_avg_pool2d(x, 1)
         return torch.flatten(x, 1)
+
+
+RANDOM_SOURCE, TORCHVISION_SOURCE = "random", "torchvision"
+
+
+def weights_source(weights: str | Path | None) -> str:
+    """Where ``load_backbone``'s ``weights`` can be found again later, for the cache's provenance:
+    the weights file's absolute path, ``random`` (the seed is in the spec) or ``torchvision``."""
+    if weights is None:
+        return TORCHVISION_SOURCE
+    if str(weights) == RANDOM_SOURCE:
+        return RANDOM_SOURCE
+    return str(Path(weights).resolve())
+
+
+def source_of_spec(spec: BackboneSpec) -> str | None:
+    """:func:`weights_source` as far as the spec alone tells it (a file's spec has only its name: None)."""
+    if spec.weights_seed is not None:
+        return RANDOM_SOURCE
+    if spec.weights.startswith("torchvision:"):
+        return TORCHVISION_SOURCE
+    return None
 
 
 def feature_dim(pooling: str, image_size: int) -> int:

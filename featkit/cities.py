@@ -172,3 +172,28 @@ def haversine_km(a: City | tuple[float, float], b: City | tuple[float, float]) -
     dp, dl = p2 - p1, math.radians(lon2 - lon1)
     h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
     return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(h)))
+
+
+FOLDER_CITIES_FILE = "cities.toml"  # a photo folder may carry its own cities (with coordinates) beside the city folders
+
+
+def city_coordinates(names: list[str], spec: str | None = None, photo_roots: list[Path] = ()) -> dict:
+    """Centre coordinates for the cities a cache holds, for distances between cities.
+
+    Looked up by name (case-insensitively) in the first of: ``spec`` (a ``--cities``
+    value: a .toml file or default names), a ``cities.toml`` in the photo folder
+    (``photo_roots``), the default cities. Returns ``{"source", "coords": {name:
+    (lat, lon)}, "missing": [names without coordinates]}``.
+    """
+    if spec:
+        found, source = load_cities(spec), str(spec)
+    else:
+        files = [Path(r) / FOLDER_CITIES_FILE for r in photo_roots]
+        files = [f for f in files if f.is_file()]
+        if files:
+            found, source = load_cities(str(files[0])), str(files[0])
+        else:
+            found, source = load_cities(), "featkit's default cities"
+    by_name = {c.name.lower(): c for c in found}
+    coords = {n: (by_name[n.lower()].lat, by_name[n.lower()].lon) for n in names if n.lower() in by_name}
+    return {"source": source, "coords": coords, "missing": [n for n in names if n not in coords]}

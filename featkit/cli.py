@@ -8,6 +8,7 @@ library), and option names mirror the Python names in kebab-case.
 from __future__ import annotations
 
 import functools
+import json as jsonlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,7 +16,7 @@ from typing import Optional
 import typer
 
 from featkit.errors import FeatkitError
-from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, DOWNLOAD, ENDPOINT_ENV, EXTRACT, MLP
+from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, DOWNLOAD, ENDPOINT_ENV, EXTRACT, MLP, PREDICT
 
 app = typer.Typer(
     help="Learn where a photo was taken: extract frozen VGG16 features once, fit heads, compare them per city.",
@@ -178,14 +179,68 @@ def fit(
 
 @app.command()
 @clean_errors
-def compare(cache: Path = CacheOpt, reports: Path = ReportsOpt) -> None:
-    """Evaluate every fitted head on the same test split; write compare.md, compare.json and confusion PNGs."""
+def compare(
+    cache: Path = CacheOpt,
+    reports: Path = ReportsOpt,
+    cities: Optional[str] = typer.Option(None, "--cities", help="Cities file (.toml with name, lat, lon) or default names, for the distance figures; default: cities.toml beside the city folders, else the study's ten."),
+    leaks: bool = typer.Option(True, "--leaks/--no-leaks", help="Check the split for owners and near-duplicate photos shared by test and train (reads the photo files)."),
+) -> None:
+    """Evaluate every fitted head on the same test split; write compare.html, compare.md, compare.json and confusion PNGs."""
     from featkit.api import compare as compare_heads
 
-    results, paths = compare_heads(cache, reports)
+    results, paths = compare_heads(cache, reports, cities=cities, leaks=leaks)
     best = max(results["heads"].items(), key=lambda kv: kv[1]["accuracy"])
     summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
-    typer.echo(f"test accuracy: {summary} (best: {best[0]}) -> {paths['md']}")
+    typer.echo(f"test accuracy: {summary} (best: {best[0]}) -> {paths['html']} (and compare.md, compare.json)")
+
+
+@app.command()
+@clean_errors
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Photos, or folders of photos (walked recursively for image files).", show_default=False),
+    head: Optional[str] = typer.Option(PREDICT.head, "--head", help="Which fitted head (mlp, logreg, svm, ...); default: the one with the best validation accuracy."),
+    top: int = typer.Option(PREDICT.top, "--top", help="Most probable cities shown per photo."),
+    json: bool = typer.Option(False, "--json", help="One JSON object per photo on stdout instead of the table."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions to this CSV file (source, rank, city, probability, error)."),
+    weights: Optional[str] = typer.Option(PREDICT.weights, "--weights", help="The weights the cache was extracted with (a state_dict file, 'random' or 'torchvision'); default: the ones the cache records."),
+    seed: Optional[int] = typer.Option(PREDICT.seed, "--seed", help="Seed of 'random' weights; default: the cache's."),
+    device: str = typer.Option(PREDICT.device, "--device", help="auto (CUDA when present), cpu, or cuda[:N]."),
+    batch_size: int = typer.Option(PREDICT.batch_size, "--batch-size"),
+    workers: Optional[int] = typer.Option(PREDICT.workers, "--workers", help="Image-decoding worker processes (default: none for a batch of photos or fewer, else cores - 1)."),
+    cache: Path = CacheOpt,
+) -> None:
+    """Say where new photos were taken, with a head fitted on the cache (and the backbone its features came from)."""
+    from featkit.prediction import Predictor, check_top, write_predictions_csv
+
+    check_top(top)
+    predictor = Predictor(cache, head, weights=weights, seed=seed, device=device, batch_size=batch_size, workers=workers)
+    try:
+        predictions = predictor.predict([str(p) for p in inputs], top=top)
+    except KeyboardInterrupt:  # nothing is saved by predict, so there is nothing to resume
+        fail("interrupted before any prediction was printed; rerun the command", 130)
+    good = [p for p in predictions if p.error is None]
+    for p in predictions:
+        if p.error is not None:
+            typer.echo(f"{p.source}: unreadable ({p.error})", err=True)
+    for line in (_json_lines(predictions) if json else _table_lines(good)):
+        typer.echo(line)
+    if csv is not None:
+        write_predictions_csv(csv, predictions)
+    bad = len(predictions) - len(good)
+    where = f"; -> {csv}" if csv is not None else ""
+    typer.echo(f"{len(good)} predicted, {bad} unreadable; {predictor.describe()}{where}", err=True)
+    if not good:
+        fail(f"none of the {len(predictions)} photo(s) could be read", 1)
+
+
+def _table_lines(predictions) -> list[str]:
+    """``photo  city1 0.62  city2 0.20  city3 0.07``, the photos in one column."""
+    width = max((len(p.source) for p in predictions), default=0)
+    return [f"{p.source:<{width}}  " + "  ".join(f"{city} {prob:.2f}" for city, prob in p.top) for p in predictions]
+
+
+def _json_lines(predictions) -> list[str]:
+    return [jsonlib.dumps(p.to_dict(), ensure_ascii=False) for p in predictions]
 
 
 @app.command()
@@ -214,7 +269,7 @@ def demo(
     summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
     chance = 1 / len(results["cities"])
     typer.echo(f"demo done: test accuracy {summary} (chance {chance:.3f}) on GENERATED photos of {', '.join(results['cities'])}, not real ones")
-    typer.echo(f"report: {paths['md']} (and compare.json, confusion_*.png beside it); features and heads: {cache / 'demo'}")
+    typer.echo(f"report: {paths['html']} (open in a browser; compare.md, compare.json, confusion_*.png beside it); features and heads: {cache / 'demo'}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -132,13 +132,15 @@ def extract_distributed(
     ranks: Ranks,
     *,
     on_batch: Callable[[int], None] | None = None,
+    weights_source: str | None = None,
 ) -> ExtractSummary:
     """This rank's part of a torchrun extraction (see the module docstring).
 
     Every rank returns an :class:`~featkit.extraction.ExtractSummary` of the whole
     run; only rank 0's has ``reporter`` set, so one process prints it.
     Initialises the process group unless one is already up, and destroys it
-    at the end if it made it.
+    at the end if it made it. ``weights_source`` goes into the cache's provenance
+    as in :func:`~featkit.extraction.extract_features`.
     """
     dev = resolve_device(options.device)
     if dev.type == "cuda":
@@ -156,7 +158,7 @@ def extract_distributed(
                 "check torchrun's --rdzv-endpoint (or --master-addr/--master-port) and that every node can reach it"
             ) from None
     try:
-        return _RankRun(photos, net, spec, Path(cache_path), options, ranks, dev, on_batch).run()
+        return _RankRun(photos, net, spec, Path(cache_path), options, ranks, dev, on_batch, weights_source).run()
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -180,11 +182,11 @@ def _from_rank0(obj):
 class _RankRun:
     """One rank's run, in the four steps of the module docstring."""
 
-    def __init__(self, photos, net, spec, cache_path: Path, options: ExtractOptions, ranks: Ranks, dev, on_batch):
+    def __init__(self, photos, net, spec, cache_path: Path, options: ExtractOptions, ranks: Ranks, dev, on_batch, weights_source=None):
         self.photos, self.net, self.spec, self.cache_path = photos, net, spec, cache_path
         self.options, self.rank, self.world, self.dev, self.on_batch = options, ranks.rank, ranks.world_size, dev, on_batch
         self.identity = cache_identity(spec, options.dtype)
-        self.prov = extraction_provenance(dev, spec, options, world_size=ranks.world_size)
+        self.prov = extraction_provenance(dev, spec, options, weights_source=weights_source, world_size=ranks.world_size)
         self.summary = ExtractSummary(
             cache_path=str(cache_path), failed_csv=str(cache_path.with_name(FAILED_CSV)),
             rank=ranks.rank, world_size=ranks.world_size, reporter=ranks.rank == 0,

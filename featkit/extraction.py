@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featkit.backbones import BackboneSpec, FeatureNet
+from featkit.backbones import BackboneSpec, FeatureNet, source_of_spec
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-from featkit.images import UnreadableImage, load_image
+from featkit.images import UnreadableImage, load_image, memory_image_tensor
 from featkit.manifest import Photo
 from featkit.options import DECODES, EXTRACT, ExtractOptions
 from featkit.provenance import provenance
@@ -61,6 +61,22 @@ class _PhotoDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             return i, load_image(self.paths[i], self.size), ""
+        except UnreadableImage as e:
+            return i, None, str(e)
+
+
+class _MemoryDataset(torch.utils.data.Dataset):
+    """In-memory picture ``i`` (a PIL image or a uint8 array) -> ``(i, pixels, reason)``, prepared as :func:`load_image` prepares a file."""
+
+    def __init__(self, images: list, size: int):
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, memory_image_tensor(self.images[i], self.size), ""
         except UnreadableImage as e:
             return i, None, str(e)
 
@@ -262,6 +278,7 @@ def feature_batches(
     workers: int = 0,
     decode: str = EXTRACT.decode,
     dtype: str = "float32",
+    images: list | None = None,
 ) -> Iterator[FeatureBatch]:
     """Run ``photos`` through ``net`` on ``dev``, ``batch_size`` at a time, in order.
 
@@ -272,15 +289,27 @@ def feature_batches(
     so the device-to-host copy (into pinned memory, float16 when ``dtype`` is
     float16) overlaps the next forward pass. A CUDA out-of-memory error halves
     the batch and goes on.
+
+    ``images``, one per photo, are pictures already in memory (PIL images or
+    uint8 arrays, see :func:`~featkit.images.memory_image_tensor`) standing for
+    ``photos`` (whose paths are then only names): they are prepared in this
+    process, on the CPU, and go through the same backbone path.
     """
     if not photos:
         return
-    mode = resolve_decode(decode, dev)
+    if images is not None and len(images) != len(photos):
+        raise ValueError(f"feature_batches: {len(images)} images for {len(photos)} photos")
+    mode = "cpu" if images is not None else resolve_decode(decode, dev)
+    workers = 0 if images is not None else workers
     backbone = _Backbone(net, dev, batch_size)
     on_cuda = backbone.on_cuda
     paths = [str(p.path) for p in photos]
+    if images is not None:
+        dataset = _MemoryDataset(images, image_size)
+    else:
+        dataset = _JpegDataset(paths, image_size) if mode == "gpu" else _PhotoDataset(paths, image_size)
     loader = torch.utils.data.DataLoader(
-        _JpegDataset(paths, image_size) if mode == "gpu" else _PhotoDataset(paths, image_size),
+        dataset,
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate_jpeg if mode == "gpu" else _collate,
@@ -541,10 +570,21 @@ def plan(store: FeatureStore, photos: list[Photo], options: ExtractOptions) -> t
     return splits, [p for p in photos if p.photo_id not in done]
 
 
-def extraction_provenance(dev: torch.device, spec: BackboneSpec, options: ExtractOptions, **extra) -> dict:
-    """The provenance record stored in a cache: who, when, with what, on which device."""
+def extraction_provenance(
+    dev: torch.device, spec: BackboneSpec, options: ExtractOptions, *, weights_source: str | None = None, **extra
+) -> dict:
+    """The provenance record stored in a cache: who, when, with what, on which device.
+
+    ``weights_source`` says where the backbone's weights can be loaded again
+    (see :func:`~featkit.backbones.weights_source`), so ``featkit predict``
+    rebuilds the same backbone without being told; when not given it is read
+    off the spec where that suffices (``random``, ``torchvision``) and left
+    None for a file of unknown place. ``weights_seed`` is the seed of random weights.
+    """
+    source = weights_source or source_of_spec(spec)
     return provenance(
-        device=str(dev), decode=resolve_decode(options.decode, dev), seed=options.seed, test_size=options.test_size, val_size=options.val_size, backbone=spec.describe(), **extra
+        device=str(dev), decode=resolve_decode(options.decode, dev), seed=options.seed, test_size=options.test_size, val_size=options.val_size,
+        backbone=spec.describe(), weights_source=source, weights_seed=spec.weights_seed, **extra
     )
 
 
@@ -562,12 +602,14 @@ def extract_features(
     options: ExtractOptions = ExtractOptions(),
     *,
     on_batch: Callable[[int], None] | None = None,
+    weights_source: str | None = None,
 ) -> ExtractSummary:
     """Fill the cache at ``cache_path`` with the features of ``photos`` not yet in it, in this process.
 
     Splits are assigned here for every photo (photos already cached keep
     theirs) and stored beside the features. ``on_batch(n_done)`` is called
-    after each committed batch (progress hooks, tests). Under torchrun,
+    after each committed batch (progress hooks, tests). ``weights_source`` (where the
+    backbone's weights file lies) is recorded in the cache's provenance. Under torchrun,
     :func:`featkit.distributed.extract_distributed` drives the same parts on every rank.
     """
     dev = resolve_device(options.device)
@@ -575,7 +617,7 @@ def extract_features(
     cache_path = Path(cache_path)
     summary = ExtractSummary(cache_path=str(cache_path), failed_csv=str(cache_path.with_name(FAILED_CSV)))
     t0 = time.perf_counter()
-    prov = extraction_provenance(dev, spec, options)  # a bad `decode` fails here, before the cache is touched
+    prov = extraction_provenance(dev, spec, options, weights_source=weights_source)  # a bad `decode` fails here, before the cache is touched
     with FeatureStore.open_for_append(cache_path, cache_identity(spec, options.dtype), overwrite=options.overwrite, provenance=prov) as store:
         splits, todo = plan(store, photos, options)
         summary.n_already = len(photos) - len(todo)

@@ -4,6 +4,7 @@ plus the checks and the perceptual hash the downloader uses. PIL and numpy only 
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,29 +33,68 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     ones are composited onto white. Raises :class:`UnreadableImage`.
     """
     path = Path(path)
-    try:
+    with _unreadable_on_error():
         if path.stat().st_size == 0:
             raise UnreadableImage("empty file (0 bytes)")
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in _ALPHA:
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, rgba).convert("RGB")
-            elif mode.startswith("I;16") or mode in ("I", "F"):
-                a = np.asarray(im, dtype=np.float32)
-                hi = float(a.max()) or 1.0
-                im = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-            elif mode in _CONVERTIBLE:
-                im = im.convert("RGB")
-            else:
-                raise UnreadableImage(f"unsupported image mode {mode}")
-            im = im.resize((size, size), Image.BILINEAR)
-            import torch  # only here: the downloader's checks and hashes need no torch
+            return image_tensor(im, size)
 
-            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+def memory_image_tensor(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """An in-memory picture (a PIL image, or a uint8 array HxW, HxWx3 or HxWx4) as :func:`load_image` makes
+    a file into: the same orientation, conversion and resize, the same :class:`UnreadableImage` reasons."""
+    with _unreadable_on_error():
+        if isinstance(image, np.ndarray):
+            image = _array_image(image)
+        return image_tensor(image, size)
+
+
+def image_tensor(im: Image.Image, size: int) -> torch.Tensor:
+    """A decoded PIL image -> orient (EXIF), convert to RGB, resize to ``size`` x ``size``: uint8 (3, size, size).
+
+    The one place pixels are prepared for the backbone, so a photo read from a
+    file (:func:`load_image`) and one handed over in memory
+    (:func:`memory_image_tensor`) give the backbone the same numbers.
+    Raises :class:`UnreadableImage` for a mode it cannot convert; Pillow's own
+    errors pass through (the callers turn them into reasons).
+    """
+    im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    if mode in _ALPHA:
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba).convert("RGB")
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        hi = float(a.max()) or 1.0
+        im = Image.fromarray((a * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    elif mode in _CONVERTIBLE:
+        im = im.convert("RGB")
+    else:
+        raise UnreadableImage(f"unsupported image mode {mode}")
+    im = im.resize((size, size), Image.BILINEAR)
+    import torch  # only here: the downloader's checks and hashes need no torch
+
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _array_image(a: np.ndarray) -> Image.Image:
+    """A uint8 array as the PIL image it stands for: HxW grayscale, HxWx3 RGB, HxWx4 RGBA."""
+    if a.dtype != np.uint8:
+        raise UnreadableImage(f"an array of {a.dtype}; expected uint8 pixels (HxW, HxWx3 or HxWx4)")
+    if a.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(a), "L")
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(a), "RGB" if a.shape[2] == 3 else "RGBA")
+    raise UnreadableImage(f"an array of shape {a.shape}; expected HxW, HxWx3 or HxWx4 uint8 pixels")
+
+
+@contextmanager
+def _unreadable_on_error():
+    """Turn Pillow's and the filesystem's errors into :class:`UnreadableImage` with the recorded reason."""
+    try:
+        yield
     except UnreadableImage:
         raise
     except FileNotFoundError:
@@ -65,7 +105,6 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
         raise UnreadableImage(f"too large ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated data, bad headers, broken files
         raise UnreadableImage(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
 
 
 def dhash(data: bytes | Image.Image, bits: int = 8) -> int:

@@ -7,6 +7,9 @@ scikit-learn only (no torch, no h5py).
 - :func:`paired_comparison`: two heads on the same photos: McNemar's exact test on the
   photos where they disagree, and a paired bootstrap interval of the accuracy difference.
 - :func:`rank_heads`: which head is best and whether its lead over the next is significant.
+- :func:`calibration`: expected calibration error and the reliability diagram's bins.
+- :func:`geographic_error`: great-circle km between predicted and true city centres.
+- :func:`confused_pairs`: the city pairs most often mistaken for each other, both directions.
 
 Intervals are percentile bootstrap intervals (``scipy.stats.bootstrap``, 2,000
 resamples of the test photos, fixed seed), resampling photos with their true
@@ -20,15 +23,16 @@ import warnings
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+from sklearn.metrics import confusion_matrix
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
 SEED = 0
 METHOD = "percentile"
+_BATCH_VALUES = 20_000_000  # resampled values held at once per array (160 MB of float64), whatever the test size
 
 
-def _interval(statistic, data: tuple[np.ndarray, ...], *, vectorized: bool = False) -> tuple[float, float]:
+def _interval(statistic, data: tuple[np.ndarray, ...], *, vectorized: bool = False, method: str = METHOD) -> tuple[float, float]:
     """The 95% percentile bootstrap interval of ``statistic(*data)`` over the rows (photos), resampled together."""
     n = len(data[0])
     if n < 2:
@@ -36,9 +40,10 @@ def _interval(statistic, data: tuple[np.ndarray, ...], *, vectorized: bool = Fal
         return (v, v)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # all resamples equal: handled below
+        warnings.simplefilter("ignore", RuntimeWarning)  # BCa on a degenerate jackknife gives nan: handled below
         res = stats.bootstrap(
-            data, statistic, paired=True, vectorized=vectorized, n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE,
-            method=METHOD, random_state=np.random.default_rng(SEED),
+            data, statistic, paired=True, vectorized=vectorized, batch=max(1, min(N_RESAMPLES, _BATCH_VALUES // n)), n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE,
+            method=method, random_state=np.random.default_rng(SEED),
         )
     lo, hi = res.confidence_interval
     if np.isnan(lo):  # every resample gave the same value (all right or all wrong)
@@ -51,6 +56,22 @@ def accuracy_interval(correct: np.ndarray) -> tuple[float, float]:
     """95% bootstrap interval of the mean of a 0/1 vector (one entry per test photo)."""
     correct = np.asarray(correct, dtype=float)
     return _interval(lambda c, axis=-1: c.mean(axis=axis), (correct,), vectorized=True)
+
+
+def balanced_accuracy(t: np.ndarray, p: np.ndarray, n_classes: int):
+    """Balanced accuracy: the mean recall over the classes present in ``t`` (as scikit-learn's
+    ``balanced_accuracy_score``), vectorised over leading axes, so 2,000 bootstrap resamples
+    are one bincount instead of 2,000 calls. ``t`` and ``p`` hold class indices < ``n_classes``."""
+    t, p = np.asarray(t, dtype=np.int64), np.asarray(p, dtype=np.int64)
+    lead, m = t.shape[:-1], t.shape[-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    idx = (t.reshape(rows, m) + np.arange(rows)[:, None] * n_classes).ravel()
+    total = np.bincount(idx, minlength=rows * n_classes).reshape(rows, n_classes)
+    right = np.bincount(idx, weights=(t == p).reshape(-1).astype(float), minlength=rows * n_classes).reshape(rows, n_classes)
+    present = total > 0
+    recall = np.where(present, right / np.maximum(total, 1), 0.0)
+    out = recall.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    return out.reshape(lead) if lead else float(out[0])
 
 
 def evaluate_predictions(cities: list[str], y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict:
@@ -81,19 +102,12 @@ def evaluate_predictions(cities: list[str], y_true: np.ndarray, proba: np.ndarra
         per_city_ci[c] = accuracy_interval(mine) if len(mine) else (float("nan"), float("nan"))
     present = np.unique(true_idx)
 
-    def macro(t, p):
-        if len(np.unique(t)) < 2:
-            return float((t == p).mean())
-        with warnings.catch_warnings():  # a resample may lack a city that is still predicted: that is expected
-            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-            return balanced_accuracy_score(t, p)
-
     return {
         "n": int(len(true_idx)),
         "accuracy": float(correct.mean()) if len(correct) else float("nan"),
         "accuracy_ci": accuracy_interval(correct),
         "macro_accuracy": float(np.mean([per_city[cities[i]] for i in present])) if len(present) else float("nan"),
-        "macro_accuracy_ci": _interval(macro, (true_idx, pred_idx)),
+        "macro_accuracy_ci": _interval(lambda t, p, axis=-1: balanced_accuracy(t, p, n), (true_idx, pred_idx), vectorized=True),
         "top3": float(in_top3.mean()) if len(in_top3) else float("nan"),
         "top3_ci": accuracy_interval(in_top3),
         "per_city": per_city,
@@ -102,6 +116,10 @@ def evaluate_predictions(cities: list[str], y_true: np.ndarray, proba: np.ndarra
         "true_share": {c: float(support[i] / total) for i, c in enumerate(cities)},
         "predicted_share": {c: float(confusion[:, i].sum() / total) for i, c in enumerate(cities)},
         "correct": correct.astype(int).tolist(),  # per test photo, for paired comparisons
+        "predicted": pred_idx.astype(int).tolist(),  # per test photo: index into ``cities``
+        "confidence": [round(float(x), 5) for x in proba[np.arange(len(pred_idx)), pred_idx]],  # top-1 probability
+        "calibration": calibration(proba[np.arange(len(pred_idx)), pred_idx], correct),
+        "confused_pairs": confused_pairs(confusion, cities),
     }
 
 
@@ -155,3 +173,116 @@ def rank_heads(correct: dict[str, np.ndarray]) -> dict:
                 f"(McNemar p = {c['p_value']:.3g}): on these test photos the two are not distinguishable."
             )
     return {"ranking": names, "pairs": pairs, "verdict": verdict}
+
+
+# --------------------------------------------------------------------------- calibration
+
+BCA_MAX_PHOTOS = 6000
+CALIBRATION_BINS = 15  # equal-width bins of top-1 confidence, the usual choice (Guo et al. 2017)
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = CALIBRATION_BINS) -> dict:
+    """How far a head's top-1 confidence is from how often it is right.
+
+    Expected calibration error: photos binned by confidence into ``n_bins`` equal-width
+    bins over [0, 1]; ECE = sum over bins of (share of photos) x |accuracy - mean confidence|.
+    A perfectly calibrated head scores 0; one that says 0.9 and is right half the time, 0.4.
+    ``bins`` holds each non-empty bin's range, count, mean confidence and accuracy (the
+    reliability diagram), and ``ece_ci`` a 95% bootstrap interval over photos.
+    """
+    conf = np.asarray(confidence, dtype=float)
+    right = np.asarray(correct, dtype=float)
+    if conf.shape != right.shape:
+        raise ValueError("one confidence and one right/wrong per photo")
+    if n_bins < 1:
+        raise ValueError("n_bins must be at least 1")
+
+    def ece(c, r, axis=-1):  # vectorised over leading axes (bootstrap resamples): one bincount for all of them
+        c, r = np.asarray(c, dtype=float), np.asarray(r, dtype=float)
+        lead, n = c.shape[:-1], c.shape[-1]
+        rows = int(np.prod(lead, dtype=np.int64))
+        idx = np.minimum((c.reshape(rows, n) * n_bins).astype(np.int64), n_bins - 1) + np.arange(rows)[:, None] * n_bins
+        sums_r = np.bincount(idx.ravel(), weights=r.ravel(), minlength=rows * n_bins)
+        sums_c = np.bincount(idx.ravel(), weights=c.ravel(), minlength=rows * n_bins)
+        # sum_b n_b/N |acc_b - conf_b| = sum_b |sum of right - sum of confidence in b| / N
+        out = np.abs(sums_r - sums_c).reshape(rows, n_bins).sum(axis=1) / max(n, 1)
+        return out.reshape(lead) if lead else float(out[0])
+
+    idx = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        mine = idx == b
+        if mine.any():
+            bins.append({
+                "lo": b / n_bins, "hi": (b + 1) / n_bins, "n": int(mine.sum()),
+                "confidence": float(conf[mine].mean()), "accuracy": float(right[mine].mean()),
+            })
+    return {
+        "ece": ece(conf, right) if len(conf) else float("nan"),
+        # ECE is biased upwards on resamples, so a percentile interval can miss the estimate on a small test split;
+        # BCa corrects that bias. Its jackknife costs n evaluations (and n x n booleans), so past
+        # BCA_MAX_PHOTOS, where the bias is negligible anyway, the percentile interval is used.
+        "ece_ci": _interval(ece, (conf, right), vectorized=True, method="BCa" if len(conf) <= BCA_MAX_PHOTOS else METHOD)
+        if len(conf) else (float("nan"), float("nan")),
+        "n_bins": n_bins,
+        "mean_confidence": float(conf.mean()) if len(conf) else float("nan"),
+        "bins": bins,
+    }
+
+
+# --------------------------------------------------------------------------- distances
+
+EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
+DISTANCE_THRESHOLDS_KM = (500, 2500)
+
+
+def great_circle_km(lat1, lon1, lat2, lon2) -> np.ndarray:
+    """Great-circle distance in km between points given in degrees (haversine; broadcasts)."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp, dl = p2 - p1, np.radians(np.asarray(lon2) - np.asarray(lon1))
+    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def geographic_error(true_idx: np.ndarray, pred_idx: np.ndarray, coords: np.ndarray) -> dict:
+    """How far off the predictions are: the great-circle distance between the predicted and the
+    true city's centre for every test photo (0 km when right).
+
+    ``coords`` is (n_cities, 2) latitude, longitude in degrees, rows in the order the indices use.
+    Returns the mean (with a 95% bootstrap interval) and median distance in km, and the share of
+    photos placed within each of ``DISTANCE_THRESHOLDS_KM``.
+    """
+    coords = np.asarray(coords, dtype=float)
+    t, p = np.asarray(true_idx, dtype=np.int64), np.asarray(pred_idx, dtype=np.int64)
+    table = great_circle_km(coords[:, None, 0], coords[:, None, 1], coords[None, :, 0], coords[None, :, 1])
+    d = table[t, p] if len(t) else np.zeros(0)
+    out = {
+        "n": int(len(d)),
+        "mean_km": float(d.mean()) if len(d) else float("nan"),
+        "mean_km_ci": _interval(lambda x, axis=-1: x.mean(axis=axis), (d,), vectorized=True),
+        "median_km": float(np.median(d)) if len(d) else float("nan"),
+        "distances_km": [round(float(x), 1) for x in d],
+    }
+    for km in DISTANCE_THRESHOLDS_KM:
+        out[f"within_{km}_km"] = float((d <= km).mean()) if len(d) else float("nan")
+        out[f"within_{km}_km_ci"] = accuracy_interval(d <= km)
+    return out
+
+
+def confused_pairs(confusion, cities: list[str], k: int = 5) -> list[dict]:
+    """The ``k`` city pairs most often mistaken for each other, counting both directions
+    (``a_as_b``: photos of a predicted as b, and its share of a's test photos)."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    support = cm.sum(axis=1)
+    pairs = []
+    for i in range(len(cities)):
+        for j in range(i + 1, len(cities)):
+            total = int(cm[i, j] + cm[j, i])
+            if total:
+                pairs.append({
+                    "a": cities[i], "b": cities[j], "total": total,
+                    "a_as_b": int(cm[i, j]), "a_as_b_share": float(cm[i, j] / max(support[i], 1)),
+                    "b_as_a": int(cm[j, i]), "b_as_a_share": float(cm[j, i] / max(support[j], 1)),
+                })
+    pairs.sort(key=lambda p: (-p["total"], p["a"], p["b"]))
+    return pairs[:k]

@@ -73,6 +73,19 @@ class MLPOptions:
     n_iter_no_change: int = 7
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """``featkit predict``'s defaults (and :class:`featkit.prediction.Predictor`'s)."""
+
+    head: str | None = None  # None: the fitted head with the best validation accuracy
+    weights: str | None = None  # None: the weights the cache records it was extracted with
+    seed: int | None = None  # random weights only; None: the cache's recorded seed
+    device: str = "auto"
+    top: int = 3
+    batch_size: int = 32
+    workers: int | None = None  # image-decoding worker processes; None: none for a few photos, else cores - 1
+
+
 ENDPOINT_ENV = "FEATKIT_FLICKR_ENDPOINT"  # where `featkit download` finds a non-default Flickr endpoint
 
 
@@ -98,6 +111,7 @@ EXTRACT = ExtractOptions()
 BACKBONE = BackboneOptions()
 MLP = MLPOptions()
 DOWNLOAD = DownloadOptions()
+PREDICT = PredictOptions()
 
 # featkit demo: generated photos of a few cities, random weights (offline), a capped MLP.
 DEMO_CITIES = "Paris,Tokyo,London,New York"

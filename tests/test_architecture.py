@@ -79,7 +79,9 @@ def test_only_main_imports_the_cli():
         ("featkit.blocks", ("torch", "h5py", "sklearn")),
         ("featkit.metrics", ("torch", "torchvision", "h5py", "flickrapi")),
         ("featkit.heads", ("torchvision", "h5py", "flickrapi")),
-        ("featkit.report", ("torch", "torchvision", "h5py", "flickrapi")),
+        ("featkit.report", ("torch", "torchvision", "h5py", "flickrapi", "matplotlib", "jinja2")),
+        ("featkit.figures", ("torch", "torchvision", "h5py", "sklearn", "matplotlib")),
+        ("featkit.leaks", ("torch", "torchvision", "h5py", "sklearn")),
         ("featkit.collect", ("torch", "torchvision", "h5py", "sklearn")),
     ],
 )
@@ -115,7 +117,7 @@ def test_cli_defaults_are_the_librarys():
 def test_cli_option_names_mirror_python_names():
     from featkit import cli
 
-    for command in (cli.download, cli.extract, cli.split, cli.fit, cli.compare, cli.demo):
+    for command in (cli.download, cli.extract, cli.split, cli.fit, cli.compare, cli.predict, cli.demo):
         for name, p in inspect.signature(command.__wrapped__).parameters.items():
             decls = getattr(p.default, "param_decls", None)
             if decls and any(d.startswith("--") for d in decls):
@@ -173,6 +175,17 @@ def test_every_imported_third_party_package_is_declared():
                 if top not in stdlib and top != "featkit":
                     used.add(dist_of.get(top, top).lower())
     assert used - declared == set(), f"imported but not declared in pyproject.toml: {sorted(used - declared)}"
+
+
+def test_predict_defaults_are_the_librarys():
+    from featkit import api, cli
+    from featkit.options import PredictOptions, defaults
+    from featkit.prediction import Predictor
+
+    cli_defaults = _cli_defaults(cli.predict.__wrapped__)
+    lib = {**inspect.signature(Predictor).parameters, **inspect.signature(api.predict).parameters}
+    for name, value in defaults(PredictOptions).items():
+        assert cli_defaults[name] == value == lib[name].default, name
 
 
 def test_download_defaults_are_the_librarys():

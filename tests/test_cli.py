@@ -30,7 +30,7 @@ def assert_clean_failure(result, *fragments):
         assert f in errors[0], out
 
 
-@pytest.mark.parametrize("command", [[], ["download"], ["extract"], ["split"], ["fit"], ["compare"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["download"], ["extract"], ["split"], ["fit"], ["compare"], ["predict"], ["demo"]])
 def test_help(runner, command):
     result = run(runner, *command, "--help")
     assert result.exit_code == 0

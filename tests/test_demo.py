@@ -13,7 +13,7 @@ def test_demo_runs_the_whole_job_offline(runner, tmp_path):
     r = runner.invoke(app, ["demo", "--cache", str(tmp_path / "cache"), "--reports", str(tmp_path / "reports"),
                             "--image-size", "32", "--per-city", "16", "--cities", "Paris,Tokyo,London", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert "GENERATED photos" in r.output and "reports/demo/compare.md" in r.output
+    assert "GENERATED photos" in r.output and "reports/demo/compare.html" in r.output
     data = json.loads((tmp_path / "reports" / "demo" / "compare.json").read_text())
     assert data["cities"] == ["London", "Paris", "Tokyo"]
     assert set(data["heads"]) == {"mlp", "logreg", "svm"}
