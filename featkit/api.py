@@ -23,30 +23,35 @@ def extract(
     source: str | Path,
     cache_dir: str | Path = "cache",
     *,
-    backbone: BackboneOptions = BACKBONE,
+    backbone_options: BackboneOptions = BACKBONE,
     options: ExtractOptions = EXTRACT,
     on_batch: Callable[[int], None] | None = None,
     **overrides,
 ):
     """Run the photos of ``source`` (a folder with one sub-folder per city, or a manifest CSV)
-    once through the frozen backbone into ``cache_dir/features.h5``; returns an ``ExtractSummary``.
+    once through the frozen backbone into ``cache_dir/features.h5`` (VGG16 as the study used it) or
+    ``cache_dir/features-<key>.h5`` (any other backbone: ``backbone="resnet50"``, ``"timm:NAME"``;
+    its photos keep the splits the folder's other backbones hold); returns an ``ExtractSummary``.
 
-    ``overrides`` set fields of ``backbone`` or ``options`` by name
-    (``weights=PATH, batch_size=32, device="cuda"``). Under torchrun every
+    ``overrides`` set fields of ``backbone_options`` or ``options`` by name
+    (``backbone="timm:convnext_tiny", weights=PATH, batch_size=32, device="cuda"``). Under torchrun every
     process calls this with the same arguments and the photos are sharded.
     """
     from featkit.backbones import load_backbone, weights_source
     from featkit.devices import resolve_device
     from featkit.distributed import extract_distributed, torchrun_env
-    from featkit.extraction import extract_features
+    from featkit.extraction import extract_features, shared_split
     from featkit.manifest import scan_photos
     from featkit.store import cache_file
 
-    backbone, options = _split_overrides(backbone, options, overrides)
+    backbone, options = _split_overrides(backbone_options, options, overrides)
     resolve_device(options.device)  # fail on a missing GPU before loading anything
     photos = scan_photos(source)
-    net, spec = load_backbone(backbone.weights, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.seed)
-    path = cache_file(cache_dir)
+    net, spec = load_backbone(
+        backbone.weights, arch=backbone.backbone, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.seed, flip=backbone.flip
+    )
+    path = cache_file(cache_dir, spec.key)  # one file per backbone; the folder's backbones share one split
+    shared_split(path, options)  # another protocol than the other backbones' is refused before anything is written
     source = weights_source(backbone.weights)  # recorded in the cache, so `predict` finds the same weights
     ranks = torchrun_env()
     if ranks is not None:
@@ -78,18 +83,22 @@ def split(
 ) -> dict[str, dict[str, int]]:
     """Re-draw the train / val / test splits of the cached photos (features untouched); returns the counts
     per split and city. Heads fitted on the old splits are refused by ``compare`` until refitted."""
+    from contextlib import ExitStack
+
     from featkit.extraction import resplit
-    from featkit.store import FeatureStore, cache_file
+    from featkit.store import FeatureStore, cache_file, resolve_backbones
 
     options = ExtractOptions(seed=seed, test_size=test_size, val_size=val_size)
-    with FeatureStore.open(cache_file(cache_dir), writable=True) as store:
-        return resplit(store, options)
+    with ExitStack() as stack:  # every backbone of the cache gets the same new split
+        stores = [stack.enter_context(FeatureStore.open(cache_file(cache_dir, k), writable=True)) for k in resolve_backbones(cache_dir)]
+        return resplit(stores, options)
 
 
 def fit(
     cache_dir: str | Path = "cache",
     head: str = "all",
     *,
+    backbone: str | None = None,
     seed: int = EXTRACT.seed,
     device: str = EXTRACT.device,
     params: dict[str, dict] | None = None,
@@ -97,10 +106,11 @@ def fit(
     progress: bool = EXTRACT.progress,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Train heads (``mlp``, ``logreg``, ``svm``, a comma list, or ``all``) on the cache; returns their records."""
+    """Train heads (``mlp``, ``logreg``, ``svm``, a comma list, or ``all``) on every backbone the cache holds
+    (or only ``backbone``); returns their records."""
     from featkit.training import fit_heads
 
-    return fit_heads(cache_dir, head, seed=seed, device=device, params=params, stream=stream, progress=progress, log=log)
+    return fit_heads(cache_dir, head, backbone=backbone, seed=seed, device=device, params=params, stream=stream, progress=progress, log=log)
 
 
 def compare(

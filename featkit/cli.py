@@ -101,9 +101,11 @@ def extract(
     source: Path = typer.Argument(..., help="Folder with one sub-folder per city, or a manifest CSV (photo_id, city, path[, owner])."),
     cache: Path = CacheOpt,
     device: str = DeviceOpt,
-    weights: Optional[str] = typer.Option(BACKBONE.weights, "--weights", help="State_dict file for vgg16().features or vgg16(); default: torchvision's ImageNet weights; 'random' for seeded random weights."),
-    pooling: str = typer.Option(BACKBONE.pooling, "--pooling", help="flatten: 512x7x7 = 25,088 values (the study's); avg: 512."),
-    image_size: int = typer.Option(BACKBONE.image_size, "--image-size", help="Square input size (multiple of 32)."),
+    backbone: str = typer.Option(BACKBONE.backbone, "--backbone", help="vgg16 (the study's), a torchvision model name (resnet50, convnext_tiny, vit_b_16, ...) or timm:NAME (any timm model); each backbone's features go to their own file in CACHE, all sharing one split."),
+    weights: Optional[str] = typer.Option(BACKBONE.weights, "--weights", help="State_dict file for the backbone (VGG16: vgg16().features or vgg16()); default: the library's own pretrained weights (torchvision's, timm's); 'random' for seeded random weights."),
+    pooling: Optional[str] = typer.Option(BACKBONE.pooling, "--pooling", help="VGG16: flatten (512x7x7 = 25,088 values, the study's, default) or avg (512); other backbones: their own global pooling (avg, or the CLS token of a ViT)."),
+    image_size: Optional[int] = typer.Option(BACKBONE.image_size, "--image-size", help="Square input size; default: the backbone's own (224 for VGG16; a multiple of 32 there)."),
+    flip: bool = typer.Option(BACKBONE.flip, "--flip/--no-flip", help="Average each photo's features with those of its mirror image (test-time augmentation; twice the compute)."),
     dtype: str = typer.Option(EXTRACT.dtype, "--dtype", help="Stored feature dtype: float16 or float32."),
     batch_size: int = typer.Option(EXTRACT.batch_size, "--batch-size"),
     decode: str = typer.Option(EXTRACT.decode, "--decode", help="Where JPEGs are decoded: cpu (worker processes), gpu (nvJPEG on the CUDA device; CPU for what it cannot take), or auto (cpu for now)."),
@@ -114,11 +116,12 @@ def extract(
     overwrite: bool = typer.Option(EXTRACT.overwrite, "--overwrite", help="Start the cache again instead of appending."),
     progress: bool = ProgressOpt,
 ) -> None:
-    """Run the photos once through VGG16's frozen conv base into CACHE/features.h5 (resumable)."""
+    """Run the photos once through a frozen backbone (VGG16's conv base by default) into CACHE/features.h5,
+    or CACHE/features-<backbone>.h5 for other backbones (resumable)."""
     from featkit.api import extract as extract_photos
 
     s = extract_photos(
-        source, cache, weights=weights, pooling=pooling, image_size=image_size, device=device, batch_size=batch_size,
+        source, cache, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, flip=flip, device=device, batch_size=batch_size,
         workers=workers, decode=decode, dtype=dtype, seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, progress=progress,
     )
     if s.reporter:  # under torchrun only rank 0 prints
@@ -149,6 +152,7 @@ def split(
 @clean_errors
 def fit(
     head: str = typer.Option("all", "--head", help="mlp, logreg, svm, a comma list, or all."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Fit on this backbone's features only (default: every backbone the cache holds)."),
     cache: Path = CacheOpt,
     device: str = DeviceOpt,
     seed: int = SeedOpt,
@@ -173,7 +177,7 @@ def fit(
         "max_iter": max_iter, "n_iter_no_change": n_iter_no_change, "hidden_layer_sizes": (hidden_layer_sizes,), "dropout": dropout,
         "alpha": alpha, "learning_rate_init": learning_rate_init, "batch_size": batch_size,
     }
-    records = fit_heads(cache, head, seed=seed, device=device, params={"mlp": mlp}, stream=stream, progress=progress, log=typer.echo)
+    records = fit_heads(cache, head, backbone=backbone, seed=seed, device=device, params={"mlp": mlp}, stream=stream, progress=progress, log=typer.echo)
     typer.echo(f"{len(records)} head(s) fitted -> {cache / 'heads'}")
 
 

@@ -249,6 +249,7 @@ class _RankRun:
                         batches = feature_batches(
                             mine, self.net, self.spec.image_size, self.dev,
                             batch_size=opts.batch_size, workers=workers, decode=opts.decode, dtype=opts.dtype,
+                            interpolation=self.spec.interpolation,
                         )
                         write_batches(shard, batches, splits, self.summary, progress=bar, on_batch=self.on_batch)
                     finally:

@@ -18,51 +18,57 @@ from featkit.leaks import HASH_CACHE, SplitPhoto, split_leaks
 from featkit.metrics import evaluate_predictions, geographic_error, rank_heads
 from featkit.provenance import provenance
 from featkit.splits import split_counts
-from featkit.store import FeatureStore, cache_file, check_identity, heads_dir
+from featkit.store import DEFAULT_KEY, FeatureStore, backbone_keys, cache_file, check_identity, heads_dir
 
 
 def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, leaks: bool = True) -> dict:
-    """Evaluate every head in ``CACHE/heads`` on the cache's test split; the results the report is made of.
+    """Evaluate every fitted head of every backbone of the cache on the same test photos; the results
+    the report is made of. With one backbone the entries are named by head (``mlp``); with several,
+    by backbone and head (``vgg16/mlp``), and every pair is compared on the same photos.
 
     ``cities_spec`` (a ``--cities`` value) gives the cities' coordinates for the distance
     figures; without it a ``cities.toml`` in the photo folder, then the default cities, are used.
     ``leaks``: check the split for owners and near-duplicate photos shared by test and train.
     """
     cache_dir = Path(cache_dir)
-    paths = sorted(heads_dir(cache_dir).glob("*.joblib"))
-    if not paths:
-        raise FeatkitError(f"no fitted heads in {heads_dir(cache_dir)}; run `featkit fit --head all` first")
-    with FeatureStore.open(cache_file(cache_dir)) as store:
-        cities = store.cities()
-        Xte, yte, _ = store.load_split("test")
-        identity, cache_id, split_id = store.identity, store.cache_id, store.split_id
-        columns = {k: store.column(k) for k in ("photo_id", "city", "split", "path", "owner")}
-        counts = split_counts(list(columns["city"]), list(columns["split"]))
-        backbone = store.provenance.get("backbone", "")
-    if len(yte) == 0:
-        raise FeatkitError("the cache's test split is empty; re-extract with a larger `test_size`", param="test_size")
-    heads = {}
-    for p in paths:
-        est, rec = load_head(p)
-        name = rec.get("head", p.stem)
-        check_identity(rec["cache_identity"], identity, f"head {name!r} ({p})", "refit it on this cache with `featkit fit`")
-        if rec["cities"] != cities or [str(c) for c in est.classes_] != cities:
-            raise FeatkitError(
-                f"head {name!r} ({p}) was trained on cities {', '.join(map(str, est.classes_))} but the cache holds "
-                f"{', '.join(cities)}; refit it with `featkit fit`"
-            )
-        if rec["cache_id"] != cache_id:
-            raise FeatkitError(f"head {name!r} ({p}) was trained on an earlier build of this cache (rebuilt with --overwrite since); refit it with `featkit fit`")
-        if rec.get("split_id") not in (None, split_id):
-            raise FeatkitError(
-                f"head {name!r} ({p}) was trained on other splits of this cache (re-drawn with `featkit split` since); "
-                "refit it with `featkit fit`"
-            )
-        metrics = evaluate_predictions(cities, yte, est.predict_proba(Xte), est.classes_)
-        heads[name] = {
-            **metrics,
-            **{k: rec.get(k) for k in ("val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")},
-        }
+    keys = backbone_keys(cache_dir)
+    fitted = {k: sorted(heads_dir(cache_dir, k).glob("*.joblib")) for k in keys}
+    fitted = {k: v for k, v in fitted.items() if v}
+    if not fitted:
+        where = heads_dir(cache_dir) if not keys or keys == [DEFAULT_KEY] else f"{heads_dir(cache_dir)} (or its backbone folders)"
+        raise FeatkitError(f"no fitted heads in {where}; run `featkit fit --head all` first")
+    heads, backbones = {}, {}
+    reference = None  # the first backbone's test photos, in its row order: every head is judged on these
+    for key, paths in fitted.items():
+        with FeatureStore.open(cache_file(cache_dir, key)) as store:
+            Xte, yte, ids = store.load_split("test")
+            found = {
+                "cities": store.cities(), "identity": store.identity, "cache_id": store.cache_id, "split_id": store.split_id,
+                "columns": {k: store.column(k) for k in ("photo_id", "city", "split", "path", "owner")},
+                "backbone": store.provenance.get("backbone", ""), "path": store.path,
+            }
+        if len(yte) == 0:
+            raise FeatkitError("the cache's test split is empty; re-extract with a larger `test_size`", param="test_size")
+        if reference is None:
+            reference = {**found, "ids": ids, "y": yte}
+        else:
+            Xte, yte = _aligned(Xte, yte, ids, reference, key)
+        backbones[key] = found["backbone"]
+        prefix = f"{key}/" if len(fitted) > 1 else ""
+        for p in paths:
+            est, rec = load_head(p)
+            name = rec.get("head", p.stem)
+            _check_head(name, p, est, rec, found)
+            metrics = evaluate_predictions(reference["cities"], yte, est.predict_proba(Xte), est.classes_)
+            heads[prefix + name] = {
+                **metrics,
+                "backbone": key,
+                "head": name,
+                **{k: rec.get(k) for k in ("val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")},
+            }
+    cities, columns, yte = reference["cities"], reference["columns"], reference["y"]
+    counts = split_counts(list(columns["city"]), list(columns["split"]))
+    cache_id, backbone = reference["cache_id"], reference["backbone"]
     everyone = [SplitPhoto(*row) for row in zip(*(columns[k].tolist() for k in ("photo_id", "city", "split", "path", "owner")))]
     test = [p for p in everyone if p.split == "test"]
     geo = city_coordinates(cities, cities_spec, _photo_roots(test))
@@ -80,9 +86,10 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
         "ranking": rank_heads({h: np.asarray(m["correct"], dtype=bool) for h, m in heads.items()}),
         "n_test": {c: counts["test"].get(c, 0) for c in cities},
         "split_counts": counts,
-        "cache_path": str(cache_file(cache_dir)),
+        "cache_path": str(reference["path"]),
         "cache_id": cache_id,
-        "backbone": backbone,
+        "backbone": backbone if len(backbones) == 1 else "; ".join(f"{k}: {v}" for k, v in backbones.items()),
+        "backbones": backbones,
         "featkit": __version__,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "provenance": provenance(),
@@ -96,3 +103,37 @@ def _photo_roots(photos: list[SplitPhoto]) -> list[Path]:
         root = Path(p.path).parent.parent
         roots[root] = roots.get(root, 0) + 1
     return sorted(roots, key=lambda r: -roots[r])
+
+
+def _check_head(name: str, path: Path, est, rec: dict, found: dict) -> None:
+    """Refuse a head trained on another cache, backbone, build, split or set of cities, naming the fix."""
+    cities = found["cities"]
+    check_identity(rec["cache_identity"], found["identity"], f"head {name!r} ({path})", "refit it on this cache with `featkit fit`")
+    if rec["cities"] != cities or [str(c) for c in est.classes_] != cities:
+        raise FeatkitError(
+            f"head {name!r} ({path}) was trained on cities {', '.join(map(str, est.classes_))} but the cache holds "
+            f"{', '.join(cities)}; refit it with `featkit fit`"
+        )
+    if rec["cache_id"] != found["cache_id"]:
+        raise FeatkitError(f"head {name!r} ({path}) was trained on an earlier build of this cache (rebuilt with --overwrite since); refit it with `featkit fit`")
+    if rec.get("split_id") not in (None, found["split_id"]):
+        raise FeatkitError(
+            f"head {name!r} ({path}) was trained on other splits of this cache (re-drawn with `featkit split` since); "
+            "refit it with `featkit fit`"
+        )
+
+
+def _aligned(X: np.ndarray, y: np.ndarray, ids: np.ndarray, reference: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One backbone's test rows in the reference backbone's photo order; refused unless they are the same photos
+    (a paired comparison is only meaningful on the same test photos)."""
+    ref_ids = reference["ids"]
+    if reference["cities"] != sorted(set(y.tolist()) | set(reference["cities"])) or set(ids.tolist()) != set(ref_ids.tolist()):
+        only_ref = len(set(ref_ids.tolist()) - set(ids.tolist()))
+        only_key = len(set(ids.tolist()) - set(ref_ids.tolist()))
+        raise FeatkitError(
+            f"backbone {key!r} holds other test photos than {Path(reference['path']).name} ({only_key} only in {key}, {only_ref} "
+            "only in the other); extract every backbone from the same photos, or re-draw one split for all with `featkit split`"
+        )
+    order = {pid: i for i, pid in enumerate(ids.tolist())}
+    rows = np.array([order[pid] for pid in ref_ids.tolist()], dtype=np.int64)
+    return X[rows], y[rows]

@@ -46,21 +46,21 @@ from featkit.manifest import Photo
 from featkit.options import DECODES, EXTRACT, ExtractOptions
 from featkit.provenance import provenance
 from featkit.splits import assign_splits, split_counts
-from featkit.store import FAILED_CSV, FeatureStore, cache_identity
+from featkit.store import FAILED_CSV, FeatureStore, cache_identity, shared_splits
 
 
 class _PhotoDataset(torch.utils.data.Dataset):
     """Photo ``i`` -> ``(i, pixels, reason)``: uint8 (3, size, size), or None and why not."""
 
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[str], size: int, interpolation: str = "bilinear"):
+        self.paths, self.size, self.interpolation = paths, size, interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, load_image(self.paths[i], self.size), ""
+            return i, load_image(self.paths[i], self.size, self.interpolation), ""
         except UnreadableImage as e:
             return i, None, str(e)
 
@@ -68,15 +68,15 @@ class _PhotoDataset(torch.utils.data.Dataset):
 class _MemoryDataset(torch.utils.data.Dataset):
     """In-memory picture ``i`` (a PIL image or a uint8 array) -> ``(i, pixels, reason)``, prepared as :func:`load_image` prepares a file."""
 
-    def __init__(self, images: list, size: int):
-        self.images, self.size = images, size
+    def __init__(self, images: list, size: int, interpolation: str = "bilinear"):
+        self.images, self.size, self.interpolation = images, size, interpolation
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
         try:
-            return i, memory_image_tensor(self.images[i], self.size), ""
+            return i, memory_image_tensor(self.images[i], self.size, self.interpolation), ""
         except UnreadableImage as e:
             return i, None, str(e)
 
@@ -196,24 +196,32 @@ class _GpuDecoder:
     over is recorded on the backbone's stream so it is not recycled early.
     """
 
-    def __init__(self, photos: list[Photo], size: int, dev: torch.device):
-        self.photos, self.size, self.dev = photos, size, dev
+    def __init__(self, photos: list[Photo], size: int, dev: torch.device, interpolation: str = "bilinear"):
+        self.photos, self.size, self.dev, self.interpolation = photos, size, dev, interpolation
         self.stream = torch.cuda.Stream(dev)
 
     def __call__(self, item):
         main = torch.cuda.current_stream(self.dev)
         self.stream.synchronize()
         with torch.cuda.stream(self.stream):
-            idx, images, bad = _gpu_images(item, self.photos, self.size, self.dev)
+            idx, images, bad = _gpu_images(item, self.photos, self.size, self.dev, self.interpolation)
         if images is not None:
             main.wait_stream(self.stream)
             images.record_stream(main)
         return idx, images, bad
 
 
-def resize_on_device(images: list[torch.Tensor], size: int) -> torch.Tensor:
+# load_image's PIL filters as torch modes: (mode, antialias). PIL antialiases bilinear and bicubic when
+# shrinking (as torch's antialias=True does); its nearest picks pixel centres like "nearest-exact".
+_TORCH_RESIZE = {"bilinear": ("bilinear", True), "bicubic": ("bicubic", True), "nearest": ("nearest-exact", False)}
+
+
+def resize_on_device(images: list[torch.Tensor], size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """uint8 (3, H, W) images on one device -> uint8 (B, 3, size, size), like :func:`load_image`'s
-    PIL bilinear resize (antialiased when shrinking), batched over images of the same size."""
+    PIL resize with the same ``interpolation`` (antialiased when shrinking), batched over images of the same size."""
+    if interpolation not in _TORCH_RESIZE:
+        raise FeatkitError(f"interpolation {interpolation!r} has no resize on the device (it does {', '.join(_TORCH_RESIZE)}); use `decode` cpu")
+    mode, antialias = _TORCH_RESIZE[interpolation]
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images[0].device)
     by_shape: dict[tuple, list[int]] = {}
     for k, im in enumerate(images):
@@ -221,7 +229,8 @@ def resize_on_device(images: list[torch.Tensor], size: int) -> torch.Tensor:
     for shape, ks in by_shape.items():
         x = torch.stack([images[k] for k in ks]).float()
         if shape[1:] != (size, size):
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            kw = {"antialias": True, "align_corners": False} if antialias else {}
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, **kw)
         out[ks] = x.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
@@ -279,6 +288,7 @@ def feature_batches(
     decode: str = EXTRACT.decode,
     dtype: str = "float32",
     images: list | None = None,
+    interpolation: str = "bilinear",
 ) -> Iterator[FeatureBatch]:
     """Run ``photos`` through ``net`` on ``dev``, ``batch_size`` at a time, in order.
 
@@ -294,20 +304,25 @@ def feature_batches(
     uint8 arrays, see :func:`~featkit.images.memory_image_tensor`) standing for
     ``photos`` (whose paths are then only names): they are prepared in this
     process, on the CPU, and go through the same backbone path.
+
+    ``interpolation`` is the filter that resizes photos to ``image_size`` (the
+    backbone's ``spec.interpolation``), on the CPU and on the device alike.
     """
     if not photos:
         return
     if images is not None and len(images) != len(photos):
         raise ValueError(f"feature_batches: {len(images)} images for {len(photos)} photos")
     mode = "cpu" if images is not None else resolve_decode(decode, dev)
+    if mode == "gpu" and interpolation not in _TORCH_RESIZE:
+        raise FeatkitError(f"`decode` gpu resizes on the device, which has no {interpolation!r} interpolation (it does {', '.join(_TORCH_RESIZE)}); use `decode` cpu", param="decode")
     workers = 0 if images is not None else workers
     backbone = _Backbone(net, dev, batch_size)
     on_cuda = backbone.on_cuda
     paths = [str(p.path) for p in photos]
     if images is not None:
-        dataset = _MemoryDataset(images, image_size)
+        dataset = _MemoryDataset(images, image_size, interpolation)
     else:
-        dataset = _JpegDataset(paths, image_size) if mode == "gpu" else _PhotoDataset(paths, image_size)
+        dataset = (_JpegDataset if mode == "gpu" else _PhotoDataset)(paths, image_size, interpolation)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -318,7 +333,7 @@ def feature_batches(
         persistent_workers=False,
     )
     out_dtype = torch.float16 if (on_cuda and dtype == "float16") else torch.float32
-    gpu_decoder = _GpuDecoder(photos, image_size, dev) if mode == "gpu" else None
+    gpu_decoder = _GpuDecoder(photos, image_size, dev, interpolation) if mode == "gpu" else None
 
     @torch.inference_mode()  # only around the work: a generator must not leave the mode on while suspended at a yield
     def launch(item):
@@ -360,7 +375,7 @@ def feature_batches(
         yield finish(pending)
 
 
-def _gpu_images(item, photos: list[Photo], size: int, dev: torch.device):
+def _gpu_images(item, photos: list[Photo], size: int, dev: torch.device, interpolation: str = "bilinear"):
     """A GPU-path batch -> (indices, uint8 images on ``dev`` in that order, failures).
 
     A batch nvJPEG refuses is retried photo by photo; a photo it still refuses
@@ -377,10 +392,10 @@ def _gpu_images(item, photos: list[Photo], size: int, dev: torch.device):
                     decoded[i] = _decode_on_gpu([d], dev)[0]
                 except RuntimeError:
                     try:
-                        decoded[i] = load_image(photos[i].path, size).to(dev)
+                        decoded[i] = load_image(photos[i].path, size, interpolation).to(dev)
                     except UnreadableImage as e:
                         bad = bad + [(i, str(e))]
-    resized = dict(zip(decoded, resize_on_device(list(decoded.values()), size))) if decoded else {}
+    resized = dict(zip(decoded, resize_on_device(list(decoded.values()), size, interpolation))) if decoded else {}
     if cpu_images is not None:
         resized.update(zip(cpu_idx, cpu_images.to(dev)))
     if not resized:
@@ -550,19 +565,47 @@ def check_split_protocol(store: FeatureStore, options: ExtractOptions) -> None:
         )
 
 
-def resplit(store: FeatureStore, options: ExtractOptions) -> dict[str, dict[str, int]]:
-    """Draw the splits of the cached photos again under ``options``' seed, test and val sizes (no re-extraction)."""
-    cols = {k: store.column(k) for k in ("photo_id", "city", "path", "owner")}
-    photos = [Photo(pid, city, Path(path), owner) for pid, city, path, owner in zip(*cols.values())]
-    splits = assign_splits(photos, seed=options.seed, test_size=options.test_size, val_size=options.val_size)
-    store.rewrite_splits(splits, split_protocol(options))
-    return split_counts(list(cols["city"]), [splits[p.photo_id] for p in photos])
+def resplit(stores: list[FeatureStore], options: ExtractOptions) -> dict[str, dict[str, int]]:
+    """Draw the splits of the cached photos again under ``options``' seed, test and val sizes (no re-extraction).
+
+    ``stores``: every backbone of one cache folder; they get one split, drawn once over all their photos.
+    Returns the counts of the store with the most photos.
+    """
+    photos: dict[str, Photo] = {}
+    for store in stores:
+        cols = {k: store.column(k) for k in ("photo_id", "city", "path", "owner")}
+        for pid, city, path, owner in zip(*cols.values()):
+            photos.setdefault(pid, Photo(pid, city, Path(path), owner))
+    splits = assign_splits(list(photos.values()), seed=options.seed, test_size=options.test_size, val_size=options.val_size)
+    for store in stores:
+        store.rewrite_splits(splits, split_protocol(options))
+    largest = max(stores, key=lambda s: s.n_rows)
+    return split_counts(list(largest.column("city")), [splits[p] for p in largest.column("photo_id")])
+
+
+def shared_split(cache_path: str | Path, options: ExtractOptions) -> dict[str, str]:
+    """The split the other backbones of ``cache_path``'s folder hold (``photo_id -> split``; empty when there
+    are none), refused when they were drawn under another protocol than ``options``' (checked before a new
+    backbone's file is created, so a refused run leaves nothing behind)."""
+    shared, protocol = shared_splits(cache_path)
+    if protocol is not None and protocol != split_protocol(options):
+        rec = " ".join(f"{k}={v}" for k, v in sorted(protocol.items()))
+        raise FeatkitError(
+            f"the other backbones in {Path(cache_path).parent} hold splits made with {rec}; pass the same values "
+            "(every backbone of a cache shares one split), or re-draw them all with featkit split"
+        )
+    return shared
 
 
 def plan(store: FeatureStore, photos: list[Photo], options: ExtractOptions) -> tuple[dict[str, str], list[Photo]]:
-    """Splits for every photo (photos already cached keep theirs) and the photos not yet handled."""
+    """Splits for every photo and the photos not yet handled.
+
+    Photos already cached keep their split; so do photos another backbone of the same cache folder
+    holds (:func:`featkit.store.shared_splits`), so every backbone is tested on the same photos.
+    """
     check_split_protocol(store, options)
-    existing = dict(zip(store.column("photo_id"), store.column("split")))
+    shared = shared_split(store.path, options)
+    existing = {**shared, **dict(zip(store.column("photo_id"), store.column("split")))}
     done = store.done_ids()
     splits = assign_splits(photos, seed=options.seed, test_size=options.test_size, val_size=options.val_size, fixed=existing)
     if store.n_rows == 0:  # a new cache records its protocol (an old cache's is unknown: left unset)
@@ -624,7 +667,8 @@ def extract_features(
         bar = progress_bar(len(todo), options.progress)
         try:
             batches = feature_batches(
-                todo, net, spec.image_size, dev, batch_size=options.batch_size, workers=workers, decode=options.decode, dtype=options.dtype
+                todo, net, spec.image_size, dev, batch_size=options.batch_size, workers=workers, decode=options.decode, dtype=options.dtype,
+                interpolation=spec.interpolation,
             )
             write_batches(store, batches, splits, summary, progress=bar, on_batch=on_batch)
         except KeyboardInterrupt:

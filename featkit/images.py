@@ -21,37 +21,59 @@ Image.MAX_IMAGE_PIXELS = 200_000_000  # guard against decompression bombs withou
 _CONVERTIBLE = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 
+# The resampling filters a backbone's config may ask for (torchvision's InterpolationMode values, timm's names).
+_RESAMPLE = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+}
+INTERPOLATIONS = tuple(_RESAMPLE)
+
+
+def _resample(interpolation: str):
+    try:
+        return _RESAMPLE[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of: {', '.join(INTERPOLATIONS)}") from None
+
 
 class UnreadableImage(Exception):
     """A photo that cannot become an RGB tensor; the message is the recorded reason."""
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
+def load_image(path: str | Path, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Decode, orient (EXIF), convert to RGB and resize to ``size`` x ``size``: uint8 (3, size, size).
 
+    ``interpolation`` is the resampling filter (the backbone's: ``spec.interpolation``).
     Grayscale, palette, CMYK and 16-bit images are converted; transparent
     ones are composited onto white. Raises :class:`UnreadableImage`.
     """
+    _resample(interpolation)  # a bad name is the caller's bug (ValueError), not an unreadable photo
     path = Path(path)
     with _unreadable_on_error():
         if path.stat().st_size == 0:
             raise UnreadableImage("empty file (0 bytes)")
         with Image.open(path) as im:
             im.load()
-            return image_tensor(im, size)
+            return image_tensor(im, size, interpolation)
 
 
-def memory_image_tensor(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
+def memory_image_tensor(image: Image.Image | np.ndarray, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """An in-memory picture (a PIL image, or a uint8 array HxW, HxWx3 or HxWx4) as :func:`load_image` makes
     a file into: the same orientation, conversion and resize, the same :class:`UnreadableImage` reasons."""
+    _resample(interpolation)
     with _unreadable_on_error():
         if isinstance(image, np.ndarray):
             image = _array_image(image)
-        return image_tensor(image, size)
+        return image_tensor(image, size, interpolation)
 
 
-def image_tensor(im: Image.Image, size: int) -> torch.Tensor:
-    """A decoded PIL image -> orient (EXIF), convert to RGB, resize to ``size`` x ``size``: uint8 (3, size, size).
+def image_tensor(im: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """A decoded PIL image -> orient (EXIF), convert to RGB, resize to ``size`` x ``size`` with the
+    ``interpolation`` filter (PIL's, antialiased when shrinking): uint8 (3, size, size).
 
     The one place pixels are prepared for the backbone, so a photo read from a
     file (:func:`load_image`) and one handed over in memory
@@ -59,6 +81,7 @@ def image_tensor(im: Image.Image, size: int) -> torch.Tensor:
     Raises :class:`UnreadableImage` for a mode it cannot convert; Pillow's own
     errors pass through (the callers turn them into reasons).
     """
+    resample = _resample(interpolation)
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in _ALPHA:
@@ -73,7 +96,7 @@ def image_tensor(im: Image.Image, size: int) -> torch.Tensor:
         im = im.convert("RGB")
     else:
         raise UnreadableImage(f"unsupported image mode {mode}")
-    im = im.resize((size, size), Image.BILINEAR)
+    im = im.resize((size, size), resample)
     import torch  # only here: the downloader's checks and hashes need no torch
 
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)

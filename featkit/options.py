@@ -24,11 +24,15 @@ def _check_size(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class BackboneOptions:
-    """Which frozen features: weights (None: torchvision's ImageNet weights; a path; ``random``), pooling, input size."""
+    """Which frozen features: the backbone (``vgg16``, a torchvision model name, or ``timm:NAME``), its weights
+    (None: the library's own pretrained weights; a path; ``random``), pooling (None: the backbone's default,
+    ``flatten`` for VGG16), input size (None: the backbone's own, 224 for VGG16) and horizontal-flip averaging."""
 
+    backbone: str = "vgg16"
     weights: str | None = None
-    pooling: str = "flatten"
-    image_size: int = 224
+    pooling: str | None = None
+    image_size: int | None = None
+    flip: bool = False
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from featkit.extraction import default_workers, feature_batches
 from featkit.heads import load_head
 from featkit.manifest import IMAGE_SUFFIXES, Photo
 from featkit.options import EXTRACT, PREDICT
-from featkit.store import FeatureStore, cache_file, cache_identity, check_identity, heads_dir
+from featkit.store import FeatureStore, backbone_keys, cache_file, cache_identity, check_identity, heads_dir
 
 CSV_COLUMNS = ("source", "rank", "city", "probability", "error")
 
@@ -90,42 +90,50 @@ def _check_batching(batch_size: int, workers: int | None) -> None:
 
 
 # -- which head ------------------------------------------------------------------------------
-def fitted_heads(cache_dir: str | Path) -> dict[str, Path]:
-    """``{name: file}`` of the heads fitted on a cache, by name."""
-    folder = heads_dir(cache_dir)
-    return {p.stem: p for p in sorted(folder.glob("*.joblib"))} if folder.is_dir() else {}
+def fitted_heads(cache_dir: str | Path) -> dict[str, tuple[str, Path]]:
+    """``{name: (backbone key, file)}`` of the heads fitted on a cache. Names are ``mlp`` when the cache has
+    heads of one backbone only, else ``<backbone>/mlp`` (as in the report)."""
+    found = {}
+    for key in backbone_keys(cache_dir):
+        folder = heads_dir(cache_dir, key)
+        for p in sorted(folder.glob("*.joblib")) if folder.is_dir() else []:
+            found[(key, p.stem)] = p
+    several = len({k for k, _ in found}) > 1
+    return {(f"{k}/{h}" if several else h): (k, p) for (k, h), p in found.items()}
 
 
-def choose_head(cache_dir: str | Path, head: str | None = None) -> tuple[str, Path, object, dict]:
-    """``(name, file, estimator, record)`` of the named head, or with ``head=None`` of the one with the best
-    validation accuracy (its record's ``val_score``; the first by name on a tie)."""
+def choose_head(cache_dir: str | Path, head: str | None = None) -> tuple[str, str, Path, object, dict]:
+    """``(name, backbone key, file, estimator, record)`` of the named head (``mlp``, or ``<backbone>/mlp``
+    when the cache holds several backbones), or with ``head=None`` of the one with the best validation
+    accuracy (its record's ``val_score``; the first by name on a tie)."""
     heads = fitted_heads(cache_dir)
     if not heads:
         raise FeatkitError(f"no fitted heads in {heads_dir(cache_dir)}; run `featkit fit` first (and `featkit extract` before it)")
     if head is not None:
         if head not in heads:
             raise FeatkitError(f"no fitted head {head!r} in {heads_dir(cache_dir)}; fitted: {', '.join(heads)}", param="head")
-        return (head, heads[head], *load_head(heads[head]))
+        key, path = heads[head]
+        return (head, key, path, *load_head(path))
     best = None
-    for name, path in heads.items():
+    for name, (key, path) in heads.items():
         est, rec = load_head(path)
         score = rec.get("val_score")
         score = float("-inf") if score is None else float(score)
         if best is None or score > best[0]:
-            best = (score, name, path, est, rec)
+            best = (score, name, key, path, est, rec)
     return best[1:]
 
 
 # -- which weights ---------------------------------------------------------------------------
-def _cache_provenance(cache_dir: str | Path) -> dict | None:
-    path = cache_file(cache_dir)
+def _cache_provenance(cache_dir: str | Path, key: str | None = None) -> dict | None:
+    path = cache_file(cache_dir, key)
     if not path.exists():
         return None
     with FeatureStore.open(path) as store:
         return store.provenance
 
 
-def resolve_weights(cache_dir: str | Path, weights: str | None, seed: int | None, prov: dict | None) -> tuple[str | None, int]:
+def resolve_weights(cache_dir: str | Path, weights: str | None, seed: int | None, prov: dict | None, key: str | None = None) -> tuple[str | None, int]:
     """``load_backbone``'s ``weights`` and ``seed`` for a predictor.
 
     Given ``weights`` win (``torchvision`` names torchvision's ImageNet
@@ -138,7 +146,7 @@ def resolve_weights(cache_dir: str | Path, weights: str | None, seed: int | None
         seed = EXTRACT.seed if recorded_seed is None else int(recorded_seed)
     if weights is not None:
         return (None if str(weights) == TORCHVISION_SOURCE else str(weights)), seed
-    where = cache_file(cache_dir)
+    where = cache_file(cache_dir, key)
     if prov is None:
         raise FeatkitError(f"no feature cache at {where} to say which weights its heads' backbone had; pass `weights` PATH", param="weights")
     source = prov.get("weights_source")
@@ -231,16 +239,17 @@ class Predictor:
         _check_batching(batch_size, workers)
         self.cache_dir, self.batch_size, self.workers = Path(cache_dir), batch_size, workers
         self.dev = resolve_device(device)  # a missing GPU fails before anything loads
-        self.head_name, self.head_path, self.head, self.record = choose_head(cache_dir, head)
+        self.head_name, self.key, self.head_path, self.head, self.record = choose_head(cache_dir, head)
         identity = self.record.get("cache_identity")
         if not identity:
             raise FeatkitError(f"head file {self.head_path} does not record its backbone; refit it with `featkit fit`")
         self.dtype = identity["dtype"]
         self.cities = [str(c) for c in self.head.classes_]
-        prov = _cache_provenance(cache_dir)
-        load_weights, load_seed = resolve_weights(cache_dir, weights, seed, prov)
+        prov = _cache_provenance(cache_dir, self.key)
+        load_weights, load_seed = resolve_weights(cache_dir, weights, seed, prov, self.key)
         self.net, self.spec = load_backbone(
-            load_weights, arch=identity["arch"], pooling=identity["pooling"], image_size=int(identity["image_size"]), seed=load_seed
+            load_weights, arch=identity["arch"], pooling=identity["pooling"], image_size=int(identity["image_size"]), seed=load_seed,
+            flip=bool(identity.get("flip", False)),
         )
         self._check_backbone(identity, prov, given=weights is not None)
 
@@ -296,7 +305,7 @@ class Predictor:
         out = {}
         batches = feature_batches(
             photos, self.net, self.spec.image_size, self.dev, batch_size=self.batch_size, workers=workers, decode="cpu",
-            dtype=self.dtype, images=images,
+            dtype=self.dtype, images=images, interpolation=self.spec.interpolation,
         )
         for batch in batches:
             for photo, reason in batch.failed:

@@ -71,7 +71,7 @@ def render_markdown(results: dict) -> str:
     study = set(study_acc) <= set(cities)
     header = ["city", "n test"] + [md(h) for h in names] + (["study"] if study else [])
     lines = [
-        "# featkit: per-city comparison of heads",
+        "# featkit: per-city comparison of heads" + (" and backbones" if len(results.get("backbones") or {}) > 1 else ""),
         "",
         f"Test split: {sum(results['n_test'].values())} photos; every head is evaluated on the same photos. "
         f"Cache: {md(results.get('cache_path', ''))} ({md(results.get('backbone', ''))}). "
@@ -101,6 +101,13 @@ def render_markdown(results: dict) -> str:
         if study:
             row.append(_fmt(study_value))
         lines.append("| " + " | ".join(row) + " |")
+    grid = backbone_grid(results)
+    if grid:
+        lines += ["", "## Backbone x head", "", "Overall test accuracy (95% interval) of every pair, on the same test photos.", "",
+                  "| backbone | " + " | ".join(md(h) for h in grid["heads"]) + " |", "|---|" + "---:|" * len(grid["heads"])]
+        for b in grid["backbones"]:
+            cells = [_ci(c["accuracy"], c["accuracy_ci"]) if c else "" for c in (grid["cells"][b].get(h) for h in grid["heads"])]
+            lines.append(f"| {md(b)} | " + " | ".join(cells) + " |")
     if ranking and ranking["pairs"]:
         lines += [
             "",
@@ -208,6 +215,18 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def backbone_grid(results: dict) -> dict | None:
+    """Backbone x head overall accuracy (None with a single backbone): ``{"backbones", "heads", "cells"}``."""
+    heads = results["heads"]
+    backbones = list(dict.fromkeys(m.get("backbone") for m in heads.values() if m.get("backbone")))
+    if len(backbones) < 2:
+        return None
+    names = list(dict.fromkeys(m["head"] for m in heads.values()))
+    cells = {b: {m["head"]: {"name": n, "accuracy": m["accuracy"], "accuracy_ci": m["accuracy_ci"]}
+                 for n, m in heads.items() if m.get("backbone") == b} for b in backbones}
+    return {"backbones": backbones, "heads": names, "cells": cells}
+
+
 def _leak_sentence(leaks: dict) -> str:
     """One plain sentence on owners and near-duplicates shared by test and train/val."""
     owners = (f"{leaks['test_photos_with_shared_owner']} of {leaks['n_test']} test photos have an owner who also has photos in train or val "
@@ -284,6 +303,7 @@ def render_html(results: dict, confusion_pngs: dict[str, bytes] | None = None) -
         "study_overall": STUDY_OVERALL,
         "n_total": sum(results["n_test"].values()),
         "best": best,
+        "grid": backbone_grid(results),
         "figures": {
             "bars": _data_uri(figures.accuracy_bars_png(cities, heads, study), "image/png") if names else None,
             "reliability": _data_uri(figures.reliability_png(heads), "image/png") if has_cal else None,

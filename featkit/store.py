@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -51,14 +52,67 @@ FAILED_FIELDS = ("photo_id", "path", "reason")
 _STR = h5py.string_dtype("utf-8")
 
 
-def cache_file(cache_dir: str | Path) -> Path:
-    """``CACHE/features.h5``."""
-    return Path(cache_dir) / CACHE_FILE
+DEFAULT_KEY = "vgg16"  # the study's features (VGG16 conv base, flatten, 224): CACHE/features.h5 and CACHE/heads/
+_KEYED = re.compile(r"^features-([A-Za-z0-9][A-Za-z0-9._-]*)\.h5$")
 
 
-def heads_dir(cache_dir: str | Path) -> Path:
-    """``CACHE/heads``: where fitted heads are saved."""
-    return Path(cache_dir) / HEADS_DIR
+def _key(key: str | None) -> str:
+    return DEFAULT_KEY if key is None else key.replace(":", "-")
+
+
+def cache_file(cache_dir: str | Path, key: str | None = None) -> Path:
+    """Where one backbone's features lie: ``CACHE/features.h5`` for the default (VGG16 as the study
+    used it), ``CACHE/features-<key>.h5`` for every other backbone (``key``: the backbone spec's ``key``)."""
+    key = _key(key)
+    return Path(cache_dir) / (CACHE_FILE if key == DEFAULT_KEY else f"features-{key}.h5")
+
+
+def heads_dir(cache_dir: str | Path, key: str | None = None) -> Path:
+    """Where the heads fitted on one backbone's features are saved: ``CACHE/heads`` for the default
+    backbone, ``CACHE/heads/<key>`` for the others."""
+    key = _key(key)
+    return Path(cache_dir) / HEADS_DIR if key == DEFAULT_KEY else Path(cache_dir) / HEADS_DIR / key
+
+
+def backbone_keys(cache_dir: str | Path) -> list[str]:
+    """The backbones whose features a cache folder holds (the default first, then by name)."""
+    folder = Path(cache_dir)
+    keys = [DEFAULT_KEY] if (folder / CACHE_FILE).is_file() else []
+    if folder.is_dir():
+        keys += sorted(m.group(1) for f in folder.iterdir() if (m := _KEYED.match(f.name)) and ".rank" not in f.name)
+    return keys
+
+
+def resolve_backbones(cache_dir: str | Path, backbone: str | None = None) -> list[str]:
+    """``backbone`` (a key or a backbone name such as ``timm:NAME``) checked against the cache, or every
+    backbone the cache holds; a one-line error when there is none or it is not there."""
+    keys = backbone_keys(cache_dir)
+    if not keys:
+        raise FeatkitError(f"no feature cache in {cache_dir}; run `featkit extract PHOTOS --cache {cache_dir}` first")
+    if backbone is None:
+        return keys
+    key = _key(backbone)
+    if key not in keys:
+        raise FeatkitError(f"the cache {cache_dir} holds no features of backbone {backbone!r}; it holds: {', '.join(keys)}", param="backbone")
+    return [key]
+
+
+def sibling_caches(path: str | Path) -> list[Path]:
+    """The other backbones' feature files in the same cache folder as ``path``."""
+    path = Path(path)
+    return [cache_file(path.parent, k) for k in backbone_keys(path.parent) if cache_file(path.parent, k).name != path.name]
+
+
+def shared_splits(path: str | Path) -> tuple[dict[str, str], dict | None]:
+    """The split every backbone of this cache folder shares: ``photo_id -> split`` and the protocol, from the
+    other backbone with the most photos (``({}, None)`` when ``path`` is the folder's only one). A new
+    backbone's photos keep these splits, so backbones are compared on the same test photos."""
+    best: tuple[int, dict[str, str], dict | None] = (-1, {}, None)
+    for other in sibling_caches(path):
+        with FeatureStore.open(other) as store:
+            if store.n_rows > best[0]:
+                best = (store.n_rows, dict(zip(store.column("photo_id"), store.column("split"))), store.split_protocol)
+    return best[1], best[2]
 
 
 def shard_path(cache_path: str | Path, rank: int, world_size: int) -> Path:

@@ -14,7 +14,7 @@ from typing import Callable
 from featkit.errors import FeatkitError
 from featkit.heads import HEAD_NAMES, can_stream, make_head, save_head
 from featkit.provenance import provenance
-from featkit.store import FeatureStore, cache_file, heads_dir
+from featkit.store import FeatureStore, cache_file, heads_dir, resolve_backbones
 
 STREAM_CHOICES = ("auto", "yes", "no")
 
@@ -50,6 +50,7 @@ def fit_heads(
     cache_dir: str | Path,
     head: str = "all",
     *,
+    backbone: str | None = None,
     seed: int = 0,
     device: str = "auto",
     params: dict[str, dict] | None = None,
@@ -60,7 +61,8 @@ def fit_heads(
 ) -> list[dict]:
     """Train the named heads on the cache's train split (val split for early stopping / choices) and save them.
 
-    ``params`` maps a head name to its parameters (``{"mlp": {"max_iter": 50}}``).
+    Heads are fitted for every backbone the cache holds (or only ``backbone``), each saved under that
+    backbone's heads folder. ``params`` maps a head name to its parameters (``{"mlp": {"max_iter": 50}}``).
     In memory (the default when it fits) the float32 training matrix is read
     once and shared; a head that can scale it in place (``copy``) runs
     last and does so. Streaming (``stream="yes"``, or ``auto`` on a cache
@@ -68,11 +70,22 @@ def fit_heads(
     blocks of the cache; the others still load it.
     """
     names = resolve_heads(head)
-    params = params or {}
-    cache_dir = Path(cache_dir)
-    out = heads_dir(cache_dir)
+    keys = resolve_backbones(cache_dir, backbone)
     records = []
-    with FeatureStore.open(cache_file(cache_dir)) as store:
+    for key in keys:
+        label = f"{key}/" if len(keys) > 1 else ""
+        records += _fit_backbone(
+            Path(cache_dir), key, names, label=label, seed=seed, device=device, params=params or {}, stream=stream,
+            block_rows=block_rows, progress=progress, log=log,
+        )
+    return records
+
+
+def _fit_backbone(cache_dir: Path, key: str, names: list[str], *, label: str, seed, device, params, stream, block_rows, progress, log) -> list[dict]:
+    """The named heads on one backbone's features, saved under its heads folder."""
+    out = heads_dir(cache_dir, key)
+    records = []
+    with FeatureStore.open(cache_file(cache_dir, key)) as store:
         cities, split_id = store.cities(), store.split_id
         train_rows = store.split_rows("train")
         if len(set(store.column("city")[train_rows].tolist())) < 2:
@@ -97,7 +110,7 @@ def fit_heads(
             if name not in streamed and Xtr is None:
                 Xtr, ytr, _ = store.load_split("train")
             t0 = time.perf_counter()
-            with _ProgressBar(name, progress, getattr(est, "progress_unit", "step")) as bar:
+            with _ProgressBar(label + name, progress, getattr(est, "progress_unit", "step")) as bar:
                 if name in streamed:
                     est.fit_blocks(store.blocks("train", block_rows), Xva, yva, progress=bar.update)
                     how = "streamed"
@@ -107,6 +120,7 @@ def fit_heads(
             seconds = time.perf_counter() - t0
             record = {
                 **_head_record(name, est, store, cities=cities, split_id=split_id, seed=seed, device=device, Xva=Xva, yva=yva),
+                "backbone": key,
                 "fit_seconds": seconds,
                 "training": how,
                 "n_train": int(len(train_rows)),
@@ -115,7 +129,7 @@ def fit_heads(
             save_head(path, est, record)
             records.append(record)
             chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())
-            log(f"{name}: val accuracy {_pct(record['val_score'])} in {seconds:.1f}s, {how}, {record['passes']} passes ({chosen}) -> {path}")
+            log(f"{label}{name}: val accuracy {_pct(record['val_score'])} in {seconds:.1f}s, {how}, {record['passes']} passes ({chosen}) -> {path}")
     return records
 
 

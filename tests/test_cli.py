@@ -100,12 +100,17 @@ def test_env_vars_move_outputs(runner, photos, tmp_path, monkeypatch):
 def test_cache_built_with_another_backbone_is_refused(runner, photos, tmp_path):
     cache = tmp_path / "cache"
     assert run(runner, "extract", photos, "--cache", cache, *FAST).exit_code == 0
-    r = run(runner, "extract", photos, "--cache", cache, *FAST, "--pooling", "avg")
-    assert_clean_failure(r, "pooling", "--overwrite")
+    r = run(runner, "extract", photos, "--cache", cache, *FAST[:-2], "--batch-size", "8", "--image-size", "64")
+    assert_clean_failure(r, "image_size", "--overwrite")  # same backbone file, another input size
     r = run(runner, "extract", photos, "--cache", cache, *FAST, "--seed", "1")  # other random weights
     assert_clean_failure(r, "weights_sha256")
-    # --overwrite rebuilds it with the new backbone
-    r = run(runner, "extract", photos, "--cache", cache, *FAST, "--pooling", "avg", "--overwrite")
+    # another pooling is another backbone: its own file beside the first, the first untouched
+    before = (cache / "features.h5").read_bytes()
+    r = run(runner, "extract", photos, "--cache", cache, *FAST, "--pooling", "avg")
+    assert r.exit_code == 0, r.output
+    assert (cache / "features-vgg16-avg.h5").exists() and (cache / "features.h5").read_bytes() == before
+    # --overwrite rebuilds a file at the new input size
+    r = run(runner, "extract", photos, "--cache", cache, *FAST[:-2], "--batch-size", "8", "--image-size", "64", "--overwrite")
     assert r.exit_code == 0, r.output
 
 

@@ -25,7 +25,7 @@ from featkit.extraction import (
     write_batches,
 )
 from featkit.images import load_image
-from featkit.manifest import scan_photos
+from featkit.manifest import Photo, scan_photos
 from featkit.options import ExtractOptions
 from featkit.store import FeatureStore, cache_identity
 
@@ -180,6 +180,23 @@ def test_resize_on_device_matches_pil_bilinear():
     want = torch.from_numpy(np.asarray(Image.fromarray(a).resize((224, 224), Image.BILINEAR))).permute(2, 0, 1).int()
     got = resize_on_device([torch.from_numpy(a).permute(2, 0, 1).contiguous()], 224)[0].int()
     assert (got - want).abs().max() <= 1
+
+
+def test_interpolation_reaches_the_resize_on_the_cpu_and_on_the_device(tmp_path):
+    rng = np.random.default_rng(1)
+    a = (rng.normal(128, 50, (229, 320, 3))).clip(0, 255).astype(np.uint8)
+    pil = {m: torch.from_numpy(np.asarray(Image.fromarray(a).resize((64, 64), f))).permute(2, 0, 1).int() for m, f in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC))}
+    got = resize_on_device([torch.from_numpy(a).permute(2, 0, 1).contiguous()], 64, "bicubic")[0].int()
+    assert (got - pil["bicubic"]).abs().float().mean() < 0.5 < (pil["bicubic"] - pil["bilinear"]).abs().float().mean()
+    Image.fromarray(a).save(tmp_path / "x.png")
+    assert torch.equal(load_image(tmp_path / "x.png", 64, "bicubic").int(), pil["bicubic"])
+    assert torch.equal(load_image(tmp_path / "x.png", 64).int(), pil["bilinear"])
+    net, spec = load_backbone("random", image_size=64, pooling="avg")
+    photo = Photo("x", "Paris", tmp_path / "x.png", "")
+    with torch.inference_mode():
+        want = net(pil["bicubic"].to(torch.uint8)[None]).numpy()
+    got = next(iter(feature_batches([photo], net, 64, torch.device("cpu"), batch_size=1, interpolation="bicubic"))).features
+    assert np.allclose(got, want, atol=1e-5)
 
 
 # -- on a GPU ---------------------------------------------------------------------------------

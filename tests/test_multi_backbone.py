@@ -1,0 +1,115 @@
+"""Several backbones in one cache folder: one shared split, heads per backbone, one comparison."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+
+import featkit
+from conftest import FAST, make_photos
+from featkit.cli import app
+from featkit.store import FeatureStore, backbone_keys, cache_file, heads_dir
+
+SECOND = "timm:tf_efficientnet_lite0"  # mean = std = 0.5 in its config: a family unlike VGG16
+SECOND_KEY = "timm-tf_efficientnet_lite0"
+QUICK = dict(weights="random", batch_size=8, workers=0, progress=False, test_size=3, val_size=2)
+
+
+def _splits(path):
+    with FeatureStore.open(path) as store:
+        return dict(zip(store.column("photo_id"), store.column("split")))
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_backbones(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    photos = make_photos(root / "photos", cities=("Paris", "Tokyo", "Venice"), n=10)
+    cache = root / "cache"
+    featkit.extract(photos, cache, image_size=32, **QUICK)
+    first = _sha(cache_file(cache))
+    featkit.extract(photos, cache, backbone=SECOND, image_size=64, **QUICK)
+    return photos, cache, first
+
+
+def test_second_backbone_gets_its_own_file_the_same_split_and_leaves_the_first_alone(two_backbones):
+    photos, cache, first_sha = two_backbones
+    keys = backbone_keys(cache)
+    assert keys == ["vgg16", SECOND_KEY]
+    second = cache_file(cache, keys[1])
+    assert cache_file(cache).name == "features.h5" and second.name == "features-timm-tf_efficientnet_lite0.h5"
+    assert _sha(cache_file(cache)) == first_sha  # not one byte of the first backbone's file changed
+    assert _splits(cache_file(cache)) == _splits(second) and len(_splits(second)) == 30
+    with FeatureStore.open(second) as store:
+        assert store.identity["arch"] == SECOND and store.identity["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_heads_per_backbone_and_one_comparison_of_every_pair(two_backbones, tmp_path):
+    photos, cache, _ = two_backbones
+    keys = backbone_keys(cache)
+    records = featkit.fit(cache, head="logreg", progress=False, log=lambda m: None)
+    assert [r["backbone"] for r in records] == keys
+    assert (heads_dir(cache) / "logreg.joblib").exists() and (heads_dir(cache, keys[1]) / "logreg.joblib").exists()
+    results, paths = featkit.compare(cache, tmp_path / "reports", leaks=False)
+    names = [f"{k}/logreg" for k in keys]
+    assert set(results["heads"]) == set(names)
+    pair = results["ranking"]["pairs"]
+    assert len(pair) == 1 and {next(iter(pair.values()))["a"], next(iter(pair.values()))["b"]} == set(names)
+    assert results["heads"][names[0]]["n"] == results["heads"][names[1]]["n"] == 9  # the same 9 test photos
+    md = paths["md"].read_text()
+    assert "## Backbone x head" in md and "Backbone × head" in paths["html"].read_text()
+    # a head of one backbone put among the other's heads is refused, naming both backbones
+    shutil.copy(heads_dir(cache) / "logreg.joblib", heads_dir(cache, keys[1]) / "stray.joblib")
+    try:
+        with pytest.raises(featkit.FeatkitError, match=r"arch=vgg16.*arch=timm:tf_efficientnet_lite0"):
+            featkit.compare(cache, tmp_path / "reports", leaks=False)
+    finally:
+        (heads_dir(cache, keys[1]) / "stray.joblib").unlink()
+    # predict uses the named backbone's head and rebuilds that backbone
+    files = sorted((photos / "Tokyo").glob("*.jpg"))[:3]
+    preds = featkit.predict(files, cache, head=f"{keys[1]}/logreg", top=3)
+    assert len(preds) == 3 and all(p.error is None and len(p.top) == 3 for p in preds)
+    # the same numbers the head saw in the cache (this backbone resizes bicubic, as its config says)
+    from featkit.heads import load_head
+
+    est, _ = load_head(heads_dir(cache, keys[1]) / "logreg.joblib")
+    with FeatureStore.open(cache_file(cache, keys[1])) as store:
+        ids = list(store.column("path"))
+        X = store.read_features(np.array([ids.index(str(f)) for f in files]))
+    want = est.predict_proba(X)
+    for p, row in zip(preds, want):
+        assert p.probabilities[p.city] == pytest.approx(row.max(), abs=1e-4)
+
+
+def test_a_second_backbone_under_another_split_protocol_is_refused(two_backbones, tmp_path):
+    photos, cache, _ = two_backbones
+    other = tmp_path / "cache"
+    shutil.copytree(cache, other)
+    with pytest.raises(featkit.FeatkitError, match="shares one split"):
+        featkit.extract(photos, other, backbone="resnet18", image_size=32, **{**QUICK, "test_size": 4})
+    assert len(backbone_keys(other)) == 2  # nothing written for the refused backbone
+
+
+def test_split_redraws_every_backbone_alike_and_fit_can_take_one_backbone(two_backbones, tmp_path, runner):
+    photos, cache, _ = two_backbones
+    other = tmp_path / "cache"
+    shutil.copytree(cache, other)
+    keys = backbone_keys(other)
+    counts = featkit.split(other, test_size=4, val_size=1)
+    assert counts["test"] == {"Paris": 4, "Tokyo": 4, "Venice": 4}
+    assert _splits(cache_file(other, keys[0])) == _splits(cache_file(other, keys[1]))
+    r = runner.invoke(app, ["fit", "--head", "logreg", "--backbone", keys[1], "--cache", str(other), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "1 head(s) fitted" in r.output
+    r = runner.invoke(app, ["fit", "--backbone", "resnet50", "--cache", str(other)])
+    assert r.exit_code == 2 and "holds no features of backbone 'resnet50'" in r.output
+    r = runner.invoke(app, ["extract", str(photos), "--cache", str(other), "--backbone", "resnet18", *FAST, "--test-size", "4", "--val-size", "1"])
+    assert r.exit_code == 0, r.output
+    assert len(backbone_keys(other)) == 3
+    assert _splits(cache_file(other, "resnet18")) == _splits(cache_file(other, keys[0]))
