@@ -11,7 +11,8 @@ and trains the plain transfer baseline on VGG16's features:
 
 Backbones (``--backbones``, a comma list): ``vgg16`` (the study's flatten),
 ``vgg16/avg``, any torchvision name, ``timm:NAME``; ``/flip`` adds horizontal-flip
-averaging (``timm:tf_efficientnet_lite0/flip``). ``vgg16/avg`` is computed from
+averaging (``timm:tf_efficientnet_lite0/flip``), ``/WxH`` a non-square input
+(``timm:tf_efficientnet_lite0/320x224``: photos at about their own aspect). ``vgg16/avg`` is computed from
 the cached VGG16 flatten features (the mean of each channel's 7x7 map is exactly
 what average pooling computes; only the float16 rounding differs), so it costs
 no second pass of VGG16 over the photos.
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--sets", default="streetview8,cityscapes5", help="comma list of sets under --data (default: streetview8,cityscapes5)")
     p.add_argument("--work", type=Path, default=REPO / "cache" / "bench_real", help="where the caches are kept (default: cache/bench_real)")
     p.add_argument("--heads", default="all", help="featkit heads to fit (default: all)")
-    p.add_argument("--backbones", default="vgg16", help="comma list: vgg16, vgg16/avg, a torchvision name, timm:NAME; /flip for flip averaging (default: vgg16)")
+    p.add_argument("--backbones", default="vgg16", help="comma list: vgg16, vgg16/avg, a torchvision name, timm:NAME; /flip for flip averaging, /WxH for a non-square input (default: vgg16)")
     p.add_argument("--weights-for", action="append", default=[], metavar="ARCH=PATH", help="weights file of a backbone other than VGG16 (repeatable)")
     p.add_argument("--device", default="cpu", help="device for extraction and the MLPs (default: cpu)")
     p.add_argument("--baseline-epochs", type=int, default=20)
@@ -86,14 +87,18 @@ def plain_baseline(Xtr, ytr, classes, *, epochs: int, seed: int, device: str):
 
 
 def parse_backbones(text: str) -> list[dict]:
-    """``vgg16,vgg16/avg,timm:X/flip`` -> [{"arch", "pooling", "flip", "label"}]."""
+    """``vgg16,vgg16/avg,timm:X/flip,timm:X/320x224`` -> [{"arch", "pooling", "flip", "image_size", "label"}]."""
+    import re
+
     out = []
     for item in [t.strip() for t in text.split(",") if t.strip()]:
         arch, *mods = item.split("/")
-        bad = [m for m in mods if m not in ("avg", "flip")]
+        sizes = [m for m in mods if re.fullmatch(r"\d+x\d+", m)]
+        bad = [m for m in mods if m not in ("avg", "flip") and m not in sizes]
         if bad:
-            die(f"unknown backbone modifier {bad[0]!r} in {item!r}; use /avg or /flip")
-        out.append({"arch": arch, "pooling": "avg" if "avg" in mods else None, "flip": "flip" in mods, "label": item})
+            die(f"unknown backbone modifier {bad[0]!r} in {item!r}; use /avg, /flip or /WxH")
+        out.append({"arch": arch, "pooling": "avg" if "avg" in mods else None, "flip": "flip" in mods,
+                    "image_size": sizes[0] if sizes else None, "label": item})
     return out
 
 
@@ -135,7 +140,7 @@ def run_set(name: str, args) -> list[dict]:
     photos, cache = args.data / name, args.work / name
     weights_for = dict(w.split("=", 1) for w in args.weights_for)
     for b in parse_backbones(args.backbones):
-        if b["arch"] == "vgg16" and b["pooling"] == "avg" and not b["flip"] and cache_file(cache).exists():
+        if b["arch"] == "vgg16" and b["pooling"] == "avg" and not b["flip"] and b["image_size"] is None and cache_file(cache).exists():
             print(f"[{name}] {b['label']}: derived from the cached VGG16 flatten features", file=sys.stderr, flush=True)
             derive_vgg16_avg(cache)
             continue
@@ -146,7 +151,7 @@ def run_set(name: str, args) -> list[dict]:
             die(f"no weights for {b['arch']}; pass --weights-for {b['arch']}=PATH")
         print(f"[{name}] {b['label']}: extracting {photos} -> {cache} (cached photos are skipped)", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        s = featkit.extract(photos, cache, backbone=b["arch"], pooling=b["pooling"], flip=b["flip"], weights=weights, device=args.device,
+        s = featkit.extract(photos, cache, backbone=b["arch"], pooling=b["pooling"], flip=b["flip"], image_size=b["image_size"], weights=weights, device=args.device,
                             test_size=0.3, val_size=0.1, progress=False, seed=args.seed)
         print(f"[{name}]   {s.line()} in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     print(f"[{name}] fitting heads ({args.heads}) on every backbone", file=sys.stderr, flush=True)

@@ -11,6 +11,9 @@ Backbones (``arch``):
 
 - ``vgg16``: the study's VGG16 conv base; pooling ``flatten`` (default, 25,088
   values at 224) or ``avg`` (512); any input size that is a multiple of 32.
+  At a non-square W x H (both multiples of 32), ``flatten`` average-pools the
+  conv map adaptively to the 7x7 grid the study's heads expect (25,088 values
+  whatever the aspect); a square S keeps its own (S/32)x(S/32) grid.
 - a torchvision classification model name (``resnet50``, ``efficientnet_b0``,
   ``convnext_tiny``, ``vit_b_16``...): the input of its final classifier
   ``Linear`` (globally average-pooled features, pooling ``avg``, for CNNs; the
@@ -21,11 +24,14 @@ Backbones (``arch``):
   ``avg`` is accepted too). Mean, std, input size and interpolation come from
   ``timm.data.resolve_model_data_config``. timm is imported only for these.
 
-Preprocessing, whatever the backbone: the whole photo is squashed to
-``image_size`` x ``image_size`` with the backbone's interpolation (no resize of
-the short side and centre crop, unlike torchvision's and timm's eval
-transforms: featkit keeps the study's square resize, so nothing at the
-borders is cut off), then normalised with the backbone's mean and std.
+Preprocessing, whatever the backbone: the whole photo is resized to
+``image_size`` x ``image_size`` (an int), or to W x H (``image_size`` a
+``(W, H)`` pair or ``"WxH"``: photos fed at their own aspect ratio, e.g. the
+study's 320x229 photos as 320x224) with the backbone's interpolation (no
+resize of the short side and centre crop, unlike torchvision's and timm's eval
+transforms, so nothing at the borders is cut off), then normalised with the
+backbone's mean and std. CNNs take any W x H (their global pooling fixes the
+feature width); ViTs only their own square size.
 ``flip`` averages the features of each photo and of its mirror image.
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +49,7 @@ import torch
 from torch import nn
 
 from featkit.errors import FeatkitError
-from featkit.images import INTERPOLATIONS
+from featkit.images import INTERPOLATIONS, size_wh
 from featkit.options import BACKBONE, EXTRACT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,6 +60,53 @@ TIMM_PREFIX = "timm:"
 TORCHVISION_DEFAULT = "torchvision:VGG16_Weights.IMAGENET1K_V1"
 DEFAULT_KEY = "vgg16"  # the key of the study's features: vgg16, flatten, 224, no flip
 DEFAULT_INTERPOLATION = "bilinear"
+MAX_IMAGE_SIZE = 4096  # pixels a side
+VGG16_GRID = (7, 7)  # the conv map at 224: what the study's heads expect of ``flatten``
+
+
+def parse_image_size(value) -> int | tuple[int, int] | None:
+    """An input size as given (an int, a ``(W, H)`` pair, ``"320x224"``, ``"224"``, or None for the
+    backbone's own) -> an int for a square (``"224x224"`` -> 224), a ``(W, H)`` tuple otherwise, or None.
+    Bad text, sizes below 1 or above 4096 are a one-line :class:`FeatkitError` about `image_size`."""
+    if value is None:
+        return None
+    parts = None
+    if isinstance(value, str):
+        text = value.strip().lower().replace("\u00d7", "x")
+        pieces = [t.strip() for t in text.split("x")] if text else []
+        if len(pieces) in (1, 2) and all(t.isdigit() and t.isascii() for t in pieces):
+            parts = [int(t) for t in pieces]
+    elif isinstance(value, (tuple, list)):
+        if len(value) == 2 and all(_is_int(v) for v in value):
+            parts = [int(v) for v in value]
+    elif _is_int(value):
+        parts = [int(value)]
+    if parts is None:
+        raise FeatkitError(
+            f"`image_size` {value!r} is not an input size; give one number for a square (224) or WIDTHxHEIGHT (320x224)",
+            param="image_size",
+        )
+    if not all(1 <= v <= MAX_IMAGE_SIZE for v in parts):
+        raise FeatkitError(
+            f"`image_size` {format_image_size(parts[0] if len(parts) == 1 else tuple(parts))} is out of range; each side must be 1 to {MAX_IMAGE_SIZE} pixels",
+            param="image_size",
+        )
+    if len(parts) == 1 or parts[0] == parts[1]:
+        return parts[0]
+    return parts[0], parts[1]
+
+
+def _is_int(v) -> bool:
+    import numbers
+
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def format_image_size(size) -> str:
+    """``224`` -> ``"224"``, ``(320, 224)`` or ``[320, 224]`` -> ``"320x224"``."""
+    if isinstance(size, (tuple, list)):
+        return f"{size[0]}x{size[1]}"
+    return str(size)
 
 
 @dataclass(frozen=True)
@@ -69,13 +123,28 @@ class BackboneSpec:
     arch: str
     weights: str
     weights_sha256: str
-    image_size: int
+    image_size: int | list[int]  # an int for a square (as every cache before W x H inputs); [W, H] otherwise
     mean: tuple[float, ...]
     std: tuple[float, ...]
     pooling: str
     feature_dim: int
     interpolation: str = DEFAULT_INTERPOLATION
     flip: bool = False
+
+    def __post_init__(self) -> None:
+        # one spelling per size, so a spec read back from JSON equals the one written: a square is an int,
+        # anything else the JSON-friendly list [W, H]
+        w, h = size_wh(self.image_size)
+        object.__setattr__(self, "image_size", w if w == h else [w, h])
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        """The input size as ``(W, H)``; the tensors the backbone sees are (B, 3, H, W)."""
+        return size_wh(self.image_size)
+
+    @property
+    def square(self) -> bool:
+        return isinstance(self.image_size, int)
 
     def _dict(self) -> dict:
         """The fields, leaving out ``interpolation`` and ``flip`` at their defaults (so a VGG16
@@ -97,13 +166,17 @@ class BackboneSpec:
     @property
     def key(self) -> str:
         """A short folder-safe name for this feature set (``features-<key>.h5``): the arch (``:`` -> ``-``),
-        then ``-<pooling>`` where not the arch's default, and ``-flip``: ``vgg16`` (the study's, stored as
-        ``features.h5``), ``vgg16-avg``, ``resnet50``, ``timm-tf_efficientnet_lite0-flip``. The input size is
-        not part of it: one folder holds one size per key (another size is refused as another backbone)."""
+        then ``-<pooling>`` where not the arch's default, ``-<W>x<H>`` for a non-square input size, and
+        ``-flip``: ``vgg16`` (the study's, stored as ``features.h5``), ``vgg16-avg``, ``resnet50``,
+        ``timm-tf_efficientnet_lite0-flip``, ``timm-tf_efficientnet_lite0-320x224``. A square size is not part
+        of it: one folder holds one square size per key (another is refused as another backbone), and the
+        non-square feature sets beside it."""
         default_pooling, _ = arch_defaults(self.arch)
         parts = [self.arch.replace(":", "-")]
         if self.pooling != default_pooling:
             parts.append(self.pooling)
+        if not self.square:
+            parts.append(format_image_size(self.image_size))
         if self.flip:
             parts.append("flip")
         return "-".join(parts)
@@ -117,7 +190,7 @@ class BackboneSpec:
     def describe(self) -> str:
         s = (
             f"{self.arch} weights={self.weights} (sha256 {self.weights_sha256[:12]}) "
-            f"size={self.image_size} pooling={self.pooling} dim={self.feature_dim}"
+            f"size={format_image_size(self.image_size)} pooling={self.pooling} dim={self.feature_dim}"
         )
         if self.interpolation != DEFAULT_INTERPOLATION:
             s += f" interpolation={self.interpolation}"
@@ -136,20 +209,23 @@ class BackboneSpec:
 
 
 class FeatureNet(nn.Module):
-    """uint8 RGB batch (B, 3, S, S) -> float features (B, feature_dim).
+    """uint8 RGB batch (B, 3, H, W) -> float features (B, feature_dim).
 
     Normalisation happens here, on the device, so data-loader workers ship
     compact uint8 tensors and never re-implement the weights' preprocessing.
     ``body`` (kept as ``self.features``) is VGG16's conv base, pooled here
     (``flatten`` or ``avg``), or a model that returns pooled features itself.
     ``flip``: the mean of the features of the batch and of its left-right mirror.
+    ``grid``: for VGG16's ``flatten``, the (rows, columns) its conv map is adaptively average-pooled
+    to before flattening (7x7 at a non-square input size); None flattens the map as it is.
     """
 
-    def __init__(self, body: nn.Module, mean, std, pooling: str, flip: bool = False):
+    def __init__(self, body: nn.Module, mean, std, pooling: str, flip: bool = False, grid: tuple[int, int] | None = None):
         super().__init__()
         self.features = body
         self.pooling = pooling
         self.flip = flip
+        self.grid = None if grid is None else tuple(grid)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0))
 
@@ -161,6 +237,8 @@ class FeatureNet(nn.Module):
         x = self.features(x)
         if x.ndim == 4 and self.pooling == "avg":  # VGG16's conv base (other bodies pool themselves)
             x = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        elif x.ndim == 4 and self.grid is not None:  # VGG16's flatten at W x H: the heads' fixed grid
+            x = torch.nn.functional.adaptive_avg_pool2d(x, self.grid)
         return torch.flatten(x, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,9 +272,21 @@ def source_of_spec(spec: BackboneSpec) -> str | None:
     return None
 
 
-def feature_dim(pooling: str, image_size: int) -> int:
-    """VGG16's: 512 channels, times the spatial grid for ``flatten`` (7x7 at 224: 25,088)."""
-    return 512 if pooling == "avg" else 512 * (image_size // 32) ** 2
+def vgg16_grid(pooling: str, image_size) -> tuple[int, int] | None:
+    """The grid VGG16's ``flatten`` adaptively pools its conv map to: 7x7 at a non-square size, None
+    (the map as it is, (S/32)x(S/32)) at a square one S."""
+    w, h = size_wh(image_size)
+    return VGG16_GRID if pooling == "flatten" and w != h else None
+
+
+def feature_dim(pooling: str, image_size) -> int:
+    """VGG16's: 512 channels, times the spatial grid for ``flatten`` (7x7 at 224: 25,088; (S/32)^2 at
+    another square S; 7x7 at any non-square W x H, pooled to it)."""
+    if pooling == "avg":
+        return 512
+    w, h = size_wh(image_size)
+    rows, cols = vgg16_grid(pooling, image_size) or (h // 32, w // 32)
+    return 512 * rows * cols
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -444,7 +534,7 @@ def load_backbone(
     *,
     arch: str = BACKBONE.backbone,
     pooling: str | None = BACKBONE.pooling,
-    image_size: int | None = BACKBONE.image_size,
+    image_size: int | tuple[int, int] | str | None = BACKBONE.image_size,
     seed: int = EXTRACT.seed,
     flip: bool = BACKBONE.flip,
 ) -> tuple[FeatureNet, BackboneSpec]:
@@ -456,9 +546,11 @@ def load_backbone(
     internet), a path to a state_dict file (the whole model's, its classifier
     included or not; for VGG16 also ``vgg16().features``'), or ``"random"`` for
     seeded random weights (tests and offline demos). ``pooling`` and
-    ``image_size``: None for the backbone's own. ``flip``: average the features
-    of each photo and of its mirror image.
+    ``image_size``: None for the backbone's own; ``image_size`` an int (a
+    square), a ``(W, H)`` pair or ``"WxH"`` text (see :func:`parse_image_size`).
+    ``flip``: average the features of each photo and of its mirror image.
     """
+    image_size = parse_image_size(image_size)
     _check_arch(arch)
     if arch == "vgg16":
         return _load_vgg16(weights, pooling="flatten" if pooling is None else pooling, image_size=224 if image_size is None else image_size, seed=seed, flip=flip)
@@ -475,23 +567,24 @@ def load_backbone(
         raise FeatkitError(f"unknown pooling {pooling!r} for {arch}; choose one of: {', '.join(choices)}")
     if pooling != own_pool:
         body.reset_classifier(0, pooling)
-    image_size = own_size if image_size is None else int(image_size)
+    image_size = own_size if image_size is None else image_size
     vit = _is_torchvision_vit(arch) or (timm_name is not None and hasattr(body, "patch_embed"))
     if vit and image_size != own_size:
-        raise FeatkitError(f"{arch} takes only its own input size, {own_size} (a ViT's position embeddings are made for it); got image size {image_size}")
-    if image_size < 32:
-        raise FeatkitError(f"image size {image_size} is too small for {arch}; use at least 32 (its own is {own_size})")
+        raise FeatkitError(f"{arch} takes only its own input size, {own_size} (a ViT's position embeddings are made for it); got image size {format_image_size(image_size)}")
+    width, height = size_wh(image_size)
+    if min(width, height) < 32:
+        raise FeatkitError(f"image size {format_image_size(image_size)} is too small for {arch}; use at least 32 a side (its own is {own_size})")
     if interp not in INTERPOLATIONS:
         raise FeatkitError(f"{arch} asks for {interp!r} interpolation, which featkit does not support (it does {', '.join(INTERPOLATIONS)})")
     body.eval()
     if dim is None:  # timm: whatever its pooled output is (pre-logits layers included)
         with torch.inference_mode():
-            dim = int(body(torch.zeros(1, 3, image_size, image_size)).flatten(1).shape[1])
+            dim = int(body(torch.zeros(1, 3, height, width)).flatten(1).shape[1])
     return _finish(body, arch, label, image_size, mean, std, pooling, dim, interp, flip)
 
 
-def _finish(body, arch, label, image_size, mean, std, pooling, dim, interpolation, flip) -> tuple[FeatureNet, BackboneSpec]:
-    net = FeatureNet(body, mean, std, pooling, flip=flip).eval()
+def _finish(body, arch, label, image_size, mean, std, pooling, dim, interpolation, flip, grid=None) -> tuple[FeatureNet, BackboneSpec]:
+    net = FeatureNet(body, mean, std, pooling, flip=flip, grid=grid).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     spec = BackboneSpec(
@@ -509,11 +602,14 @@ def _finish(body, arch, label, image_size, mean, std, pooling, dim, interpolatio
     return net, spec
 
 
-def _load_vgg16(weights, *, pooling: str, image_size: int, seed: int, flip: bool) -> tuple[FeatureNet, BackboneSpec]:
+def _load_vgg16(weights, *, pooling: str, image_size: int | tuple[int, int], seed: int, flip: bool) -> tuple[FeatureNet, BackboneSpec]:
     if pooling not in POOLINGS:
         raise FeatkitError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
-    if image_size < 32 or image_size % 32:
-        raise FeatkitError(f"image size {image_size} must be a multiple of 32, at least 32 (VGG16 halves it five times); the study used 224")
+    if any(side < 32 or side % 32 for side in size_wh(image_size)):
+        raise FeatkitError(
+            f"image size {format_image_size(image_size)} must be a multiple of 32, at least 32 (VGG16 halves it five times), "
+            "each side of a WxH size too; the study used 224"
+        )
     from torchvision.models import vgg16
 
     with torch.random.fork_rng(devices=[]):
@@ -529,18 +625,27 @@ def _load_vgg16(weights, *, pooling: str, image_size: int, seed: int, flip: bool
     try:
         features.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        lines = str(e).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else str(e)
+        kind, keys = first.split(":", 1) if ":" in first else (first, "")
+        names = re.findall(r'"([^"]+)"', keys)
+        if names:  # one key is enough to see what is wrong; all 26 make a wall of text
+            first = f"{kind.strip().lower().replace('(s)', '')} {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
         raise FeatkitError(f"weights {label} do not fit VGG16's conv base ({first}); expected a state_dict for vgg16().features or vgg16()") from None
-    return _finish(features, "vgg16", label, image_size, IMAGENET_MEAN, IMAGENET_STD, pooling, feature_dim(pooling, image_size), DEFAULT_INTERPOLATION, flip)
+    return _finish(
+        features, "vgg16", label, image_size, IMAGENET_MEAN, IMAGENET_STD, pooling, feature_dim(pooling, image_size), DEFAULT_INTERPOLATION, flip,
+        grid=vgg16_grid(pooling, image_size),
+    )
 
 
 def backbone_gmacs(net: FeatureNet, spec: BackboneSpec) -> float:
     """Multiply-accumulates per photo, in GMAC (flip averaging included: twice the forward passes),
-    counted by ``torch.utils.flop_counter.FlopCounterMode`` on one input of the spec's size."""
+    counted by ``torch.utils.flop_counter.FlopCounterMode`` on one input of the spec's size, (1, 3, H, W)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     dev = next((b.device for b in net.buffers()), torch.device("cpu"))
-    x = torch.zeros(1, 3, spec.image_size, spec.image_size, dtype=torch.uint8, device=dev)
+    w, h = spec.width_height
+    x = torch.zeros(1, 3, h, w, dtype=torch.uint8, device=dev)
     counter = FlopCounterMode(display=False)
     mha = getattr(torch.backends, "mha", None)
     fastpath = mha.get_fastpath_enabled() if mha is not None else None

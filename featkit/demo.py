@@ -26,7 +26,7 @@ def run_demo(
     cities: str = DEMO_CITIES,
     per_city: int = DEMO_PER_CITY,
     weights: str | None = DEMO_WEIGHTS,
-    image_size: int = BACKBONE.image_size,
+    image_size: int | tuple[int, int] | str | None = BACKBONE.image_size,
     device: str = EXTRACT.device,
     seed: int = EXTRACT.seed,
     progress: bool = EXTRACT.progress,

@@ -41,7 +41,7 @@ from PIL import Image
 from featkit.backbones import BackboneSpec, FeatureNet, source_of_spec
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-from featkit.images import UnreadableImage, load_image, memory_image_tensor
+from featkit.images import UnreadableImage, load_image, memory_image_tensor, size_wh
 from featkit.manifest import Photo
 from featkit.options import DECODES, EXTRACT, ExtractOptions
 from featkit.provenance import provenance
@@ -50,9 +50,9 @@ from featkit.store import FAILED_CSV, FeatureStore, cache_identity, shared_split
 
 
 class _PhotoDataset(torch.utils.data.Dataset):
-    """Photo ``i`` -> ``(i, pixels, reason)``: uint8 (3, size, size), or None and why not."""
+    """Photo ``i`` -> ``(i, pixels, reason)``: uint8 (3, H, W) at ``size``, or None and why not."""
 
-    def __init__(self, paths: list[str], size: int, interpolation: str = "bilinear"):
+    def __init__(self, paths: list[str], size: int | tuple[int, int], interpolation: str = "bilinear"):
         self.paths, self.size, self.interpolation = paths, size, interpolation
 
     def __len__(self) -> int:
@@ -68,7 +68,7 @@ class _PhotoDataset(torch.utils.data.Dataset):
 class _MemoryDataset(torch.utils.data.Dataset):
     """In-memory picture ``i`` (a PIL image or a uint8 array) -> ``(i, pixels, reason)``, prepared as :func:`load_image` prepares a file."""
 
-    def __init__(self, images: list, size: int, interpolation: str = "bilinear"):
+    def __init__(self, images: list, size: int | tuple[int, int], interpolation: str = "bilinear"):
         self.images, self.size, self.interpolation = images, size, interpolation
 
     def __len__(self) -> int:
@@ -196,7 +196,7 @@ class _GpuDecoder:
     over is recorded on the backbone's stream so it is not recycled early.
     """
 
-    def __init__(self, photos: list[Photo], size: int, dev: torch.device, interpolation: str = "bilinear"):
+    def __init__(self, photos: list[Photo], size: int | tuple[int, int], dev: torch.device, interpolation: str = "bilinear"):
         self.photos, self.size, self.dev, self.interpolation = photos, size, dev, interpolation
         self.stream = torch.cuda.Stream(dev)
 
@@ -216,21 +216,23 @@ class _GpuDecoder:
 _TORCH_RESIZE = {"bilinear": ("bilinear", True), "bicubic": ("bicubic", True), "nearest": ("nearest-exact", False)}
 
 
-def resize_on_device(images: list[torch.Tensor], size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """uint8 (3, H, W) images on one device -> uint8 (B, 3, size, size), like :func:`load_image`'s
-    PIL resize with the same ``interpolation`` (antialiased when shrinking), batched over images of the same size."""
+def resize_on_device(images: list[torch.Tensor], size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """uint8 (3, H, W) images on one device -> uint8 (B, 3, size, size) (``size`` an int) or (B, 3, h, w)
+    (``size`` a ``(w, h)`` pair), like :func:`load_image`'s PIL resize with the same ``interpolation``
+    (antialiased when shrinking), batched over images of the same size."""
     if interpolation not in _TORCH_RESIZE:
         raise FeatkitError(f"interpolation {interpolation!r} has no resize on the device (it does {', '.join(_TORCH_RESIZE)}); use `decode` cpu")
     mode, antialias = _TORCH_RESIZE[interpolation]
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images[0].device)
+    w, h = size_wh(size)
+    out = torch.empty((len(images), 3, h, w), dtype=torch.uint8, device=images[0].device)
     by_shape: dict[tuple, list[int]] = {}
     for k, im in enumerate(images):
         by_shape.setdefault(tuple(im.shape), []).append(k)
     for shape, ks in by_shape.items():
         x = torch.stack([images[k] for k in ks]).float()
-        if shape[1:] != (size, size):
+        if shape[1:] != (h, w):
             kw = {"antialias": True, "align_corners": False} if antialias else {}
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, **kw)
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode=mode, **kw)
         out[ks] = x.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
@@ -280,7 +282,7 @@ class _Backbone:
 def feature_batches(
     photos: list[Photo],
     net: FeatureNet,
-    image_size: int,
+    image_size: int | tuple[int, int],
     dev: torch.device,
     *,
     batch_size: int = EXTRACT.batch_size,
@@ -306,7 +308,8 @@ def feature_batches(
     process, on the CPU, and go through the same backbone path.
 
     ``interpolation`` is the filter that resizes photos to ``image_size`` (the
-    backbone's ``spec.interpolation``), on the CPU and on the device alike.
+    backbone's ``spec.interpolation``), on the CPU and on the device alike;
+    ``image_size`` is an int (a square) or a ``(W, H)`` pair (``spec.image_size``).
     """
     if not photos:
         return
@@ -375,7 +378,7 @@ def feature_batches(
         yield finish(pending)
 
 
-def _gpu_images(item, photos: list[Photo], size: int, dev: torch.device, interpolation: str = "bilinear"):
+def _gpu_images(item, photos: list[Photo], size: int | tuple[int, int], dev: torch.device, interpolation: str = "bilinear"):
     """A GPU-path batch -> (indices, uint8 images on ``dev`` in that order, failures).
 
     A batch nvJPEG refuses is retried photo by photo; a photo it still refuses

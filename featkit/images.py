@@ -40,12 +40,21 @@ def _resample(interpolation: str):
         raise ValueError(f"unknown interpolation {interpolation!r}; choose one of: {', '.join(INTERPOLATIONS)}") from None
 
 
+def size_wh(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An input size as ``(width, height)``: an int is a square (``224`` -> ``(224, 224)``), a pair is ``(W, H)``."""
+    if isinstance(size, (tuple, list)):
+        w, h = size
+        return int(w), int(h)
+    return int(size), int(size)
+
+
 class UnreadableImage(Exception):
     """A photo that cannot become an RGB tensor; the message is the recorded reason."""
 
 
-def load_image(path: str | Path, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """Decode, orient (EXIF), convert to RGB and resize to ``size`` x ``size``: uint8 (3, size, size).
+def load_image(path: str | Path, size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """Decode, orient (EXIF), convert to RGB and resize to ``size`` x ``size`` (an int) or to W x H
+    (``size`` a ``(W, H)`` pair): uint8 (3, size, size), or (3, H, W).
 
     ``interpolation`` is the resampling filter (the backbone's: ``spec.interpolation``).
     Grayscale, palette, CMYK and 16-bit images are converted; transparent
@@ -61,7 +70,7 @@ def load_image(path: str | Path, size: int, interpolation: str = "bilinear") -> 
             return image_tensor(im, size, interpolation)
 
 
-def memory_image_tensor(image: Image.Image | np.ndarray, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+def memory_image_tensor(image: Image.Image | np.ndarray, size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
     """An in-memory picture (a PIL image, or a uint8 array HxW, HxWx3 or HxWx4) as :func:`load_image` makes
     a file into: the same orientation, conversion and resize, the same :class:`UnreadableImage` reasons."""
     _resample(interpolation)
@@ -71,9 +80,10 @@ def memory_image_tensor(image: Image.Image | np.ndarray, size: int, interpolatio
         return image_tensor(image, size, interpolation)
 
 
-def image_tensor(im: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """A decoded PIL image -> orient (EXIF), convert to RGB, resize to ``size`` x ``size`` with the
-    ``interpolation`` filter (PIL's, antialiased when shrinking): uint8 (3, size, size).
+def image_tensor(im: Image.Image, size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """A decoded PIL image -> orient (EXIF), convert to RGB, resize to ``size`` x ``size`` (an int) or
+    to W x H (a ``(W, H)`` pair) with the ``interpolation`` filter (PIL's, antialiased when shrinking):
+    uint8 (3, size, size), or (3, H, W).
 
     The one place pixels are prepared for the backbone, so a photo read from a
     file (:func:`load_image`) and one handed over in memory
@@ -96,7 +106,7 @@ def image_tensor(im: Image.Image, size: int, interpolation: str = "bilinear") ->
         im = im.convert("RGB")
     else:
         raise UnreadableImage(f"unsupported image mode {mode}")
-    im = im.resize((size, size), resample)
+    im = im.resize(size_wh(size), resample)
     import torch  # only here: the downloader's checks and hashes need no torch
 
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -26,12 +26,13 @@ def _check_size(name: str, value: float) -> None:
 class BackboneOptions:
     """Which frozen features: the backbone (``vgg16``, a torchvision model name, or ``timm:NAME``), its weights
     (None: the library's own pretrained weights; a path; ``random``), pooling (None: the backbone's default,
-    ``flatten`` for VGG16), input size (None: the backbone's own, 224 for VGG16) and horizontal-flip averaging."""
+    ``flatten`` for VGG16), input size (None: the backbone's own, 224 for VGG16; an int for a square, a ``(W, H)``
+    pair or ``"WxH"`` text such as ``"320x224"`` to keep the photos' aspect ratio) and horizontal-flip averaging."""
 
     backbone: str = "vgg16"
     weights: str | None = None
     pooling: str | None = None
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | str | None = None
     flip: bool = False
 
 

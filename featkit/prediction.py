@@ -248,7 +248,7 @@ class Predictor:
         prov = _cache_provenance(cache_dir, self.key)
         load_weights, load_seed = resolve_weights(cache_dir, weights, seed, prov, self.key)
         self.net, self.spec = load_backbone(
-            load_weights, arch=identity["arch"], pooling=identity["pooling"], image_size=int(identity["image_size"]), seed=load_seed,
+            load_weights, arch=identity["arch"], pooling=identity["pooling"], image_size=identity["image_size"], seed=load_seed,
             flip=bool(identity.get("flip", False)),
         )
         self._check_backbone(identity, prov, given=weights is not None)

@@ -137,7 +137,11 @@ def _describe(identity: dict) -> str:
     parts = []
     for k in keys:
         v = identity.get(k)
-        parts.append(f"{k}={v[:12] if k == 'weights_sha256' and isinstance(v, str) else v}")
+        if k == "weights_sha256" and isinstance(v, str):
+            v = v[:12]
+        elif k == "image_size" and isinstance(v, list):
+            v = "x".join(map(str, v))
+        parts.append(f"{k}={v}")
     return " ".join(parts)
 
 

@@ -1,22 +1,27 @@
 """The backbone: weights by path (features-only or whole vgg16), identity hash, real ImageNet weights;
 torchvision and timm backbones (preprocessing from their configs, identity and key, weight files,
-flip averaging, GMAC)."""
+flip averaging, GMAC); non-square W x H input sizes (parsing, resize, VGG16's adaptive 7x7 grid, keys,
+an extraction and a prediction at 96x64 beside a square one)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torchvision.models import vgg16
 
-from conftest import REAL_PHOTOS, REAL_WEIGHTS, SHARED
-from featkit.backbones import DEFAULT_KEY, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, backbone_gmacs, load_backbone
+from PIL import Image
+
+import featkit
+from conftest import REAL_PHOTOS, REAL_WEIGHTS, SHARED, make_photos
+from featkit.backbones import DEFAULT_KEY, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, backbone_gmacs, load_backbone, parse_image_size
 from featkit.errors import FeatkitError
-from featkit.images import load_image
+from featkit.images import image_tensor, load_image
 
 LITE0 = "timm:tf_efficientnet_lite0"
 LITE0_WEIGHTS = SHARED / "weights" / "efficientnet_lite0_imagenet_timm.pth"
@@ -104,6 +109,11 @@ def _spec(arch, pooling, size=224, flip=False):
         (LITE0, "avg", 224, True, "timm-tf_efficientnet_lite0-flip"),
         ("timm:vit_tiny_patch16_224", "token", 224, False, "timm-vit_tiny_patch16_224"),
         ("timm:vit_tiny_patch16_224", "avg", 224, False, "timm-vit_tiny_patch16_224-avg"),
+        ("vgg16", "flatten", (96, 64), False, "vgg16-96x64"),
+        ("vgg16", "flatten", [320, 224], False, "vgg16-320x224"),
+        ("vgg16", "avg", (320, 224), True, "vgg16-avg-320x224-flip"),
+        (LITE0, "avg", (320, 224), False, "timm-tf_efficientnet_lite0-320x224"),
+        (LITE0, "avg", (224, 224), False, "timm-tf_efficientnet_lite0"),  # a square pair is the square
     ],
 )
 def test_keys(arch, pooling, size, flip, key):
@@ -260,3 +270,129 @@ def test_real_efficientnet_lite0_features_are_timms_pooled_forward_features():
         want = model.eval().forward_features((x.float() / 255 - 0.5) / 0.5).mean((2, 3))
         got = net(x)
     assert torch.allclose(got, want, atol=1e-4)
+
+
+# -- non-square input sizes: W x H ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "given,size",
+    [(224, 224), ("224", 224), ("320x224", (320, 224)), (" 96 X 64 ", (96, 64)), ("224x224", 224), ((96, 64), (96, 64)),
+     ([320, 224], (320, 224)), ([64, 64], 64), (np.int64(64), 64), (None, None)],
+)
+def test_parse_image_size(given, size):
+    got = parse_image_size(given)
+    assert got == size and type(got) is type(size)
+
+
+@pytest.mark.parametrize("bad", ["abc", "320x", "x224", "320x224x3", "", "-5", "0x224", "320x0", 0, 5000, "4097x224", True, 1.5, (1, 2, 3)])
+def test_a_bad_image_size_is_a_one_line_error_about_image_size(bad):
+    with pytest.raises(FeatkitError) as e:
+        parse_image_size(bad)
+    assert e.value.param == "image_size" and "`image_size`" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_non_square_photo_is_resized_to_w_by_h_and_squares_stay_as_they_were():
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (229, 320, 3), dtype=np.uint8), "RGB")  # the study's 320x229
+    x = image_tensor(im, (320, 224))
+    assert x.shape == (3, 224, 320) and x.dtype == torch.uint8
+    want = np.asarray(im.resize((320, 224), Image.BILINEAR))
+    assert torch.equal(x, torch.from_numpy(want.copy()).permute(2, 0, 1))
+    assert torch.equal(image_tensor(im, 64), image_tensor(im, (64, 64)))  # an int is the square it always was
+    assert image_tensor(im, [96, 64], "bicubic").shape == (3, 64, 96)
+
+
+def test_resize_on_device_gives_w_by_h():
+    from featkit.extraction import resize_on_device
+
+    images = [torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8), torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)]
+    out = resize_on_device(images, (96, 64))
+    assert out.shape == (2, 3, 64, 96) and torch.equal(out[1], images[1])  # already W x H: untouched
+    assert resize_on_device(images, 32).shape == (2, 3, 32, 32)
+
+
+def test_vgg16_flatten_at_w_by_h_pools_the_conv_map_to_the_studys_7x7_grid():
+    net, spec = load_backbone("random", image_size="96x64", seed=3)
+    assert spec.image_size == [96, 64] and spec.width_height == (96, 64) and spec.feature_dim == 25_088
+    assert spec.key == "vgg16-96x64" and "size=96x64" in spec.describe()
+    x = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    with torch.inference_mode():
+        got = net(x)
+        conv = net.features((x.float() - net.mean) * net.inv_std)  # the (2, 512, 2, 3) map
+        want = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(conv, (7, 7)), 1)
+    assert conv.shape == (2, 512, 2, 3) and got.shape == (2, 25_088)
+    assert torch.allclose(got, want, atol=1e-5)
+    _, avg = load_backbone("random", image_size=(96, 64), pooling="avg")
+    assert avg.feature_dim == 512 and avg.key == "vgg16-avg-96x64"
+    # squares are as they were: the map flattened as it is, no pooling, (S/32)^2 cells
+    square_net, square = load_backbone("random", image_size="64x64", seed=3)
+    assert square.image_size == 64 and square.feature_dim == 2048 and square.key == "vgg16" and square_net.grid is None
+    with torch.inference_mode():
+        sx = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+        assert torch.equal(square_net(sx), torch.flatten(square_net.features((sx.float() - square_net.mean) * square_net.inv_std), 1))
+    with pytest.raises(FeatkitError, match="multiple of 32"):
+        load_backbone("random", image_size=(96, 60))
+
+
+def test_non_square_specs_round_trip_and_identify_other_features_than_the_square_one():
+    _, square = load_backbone("random", arch=LITE0, image_size=64)
+    _, wide = load_backbone("random", arch=LITE0, image_size="96x64")
+    assert wide.key == "timm-tf_efficientnet_lite0-96x64" and square.key == "timm-tf_efficientnet_lite0"
+    assert wide.identity()["image_size"] == [96, 64] and square.identity()["image_size"] == 64
+    assert wide.identity() != square.identity() and wide.feature_dim == square.feature_dim == 1280
+    for spec in (wide, square):
+        assert BackboneSpec.from_json(spec.to_json()) == spec
+    assert json.loads(wide.to_json())["image_size"] == [96, 64]
+    assert BackboneSpec(**{**square.__dict__, "image_size": (96, 64)}) == wide  # a tuple is stored as the list
+    tall_net, tall = load_backbone("random", arch="resnet18", image_size=(64, 96))
+    assert tall.key == "resnet18-64x96" and tall_net(torch.zeros(1, 3, 96, 64, dtype=torch.uint8)).shape == (1, 512)
+    assert backbone_gmacs(tall_net, tall) > 0
+    with pytest.raises(FeatkitError, match="takes only its own input size, 224.*320x224"):
+        load_backbone("random", arch="vit_b_16", image_size="320x224")
+
+
+def test_extract_fit_and_predict_at_w_by_h_beside_a_square_extraction(tmp_path):
+    from featkit.store import FeatureStore, backbone_keys, cache_file, heads_dir
+
+    photos = make_photos(tmp_path / "photos", n=8, size=(80, 57))
+    cache = tmp_path / "cache"
+    quick = dict(backbone=LITE0, weights="random", batch_size=8, workers=0, progress=False, test_size=3, val_size=2)
+    featkit.extract(photos, cache, image_size=64, **quick)
+    s = featkit.extract(photos, cache, image_size="96x64", **quick)
+    key = "timm-tf_efficientnet_lite0-96x64"
+    assert backbone_keys(cache) == ["timm-tf_efficientnet_lite0", key]
+    assert Path(s.cache_path) == cache_file(cache, key) and Path(s.cache_path).name == f"features-{key}.h5"
+    splits = []
+    for k in backbone_keys(cache):
+        with FeatureStore.open(cache_file(cache, k)) as store:
+            splits.append(dict(zip(store.column("photo_id"), store.column("split"))))
+            size = store.identity["image_size"]
+        assert size == ([96, 64] if k == key else 64)
+    assert splits[0] == splits[1] and len(splits[0]) == 24
+    featkit.fit(cache, head="logreg", progress=False, log=lambda m: None)
+    files = sorted((photos / "Venice").glob("*.jpg"))[:3]
+    preds = featkit.predict(files, cache, head=f"{key}/logreg", top=2)
+    assert len(preds) == 3 and all(p.error is None and len(p.top) == 2 for p in preds)
+    from featkit.heads import load_head
+    from featkit.prediction import Predictor
+
+    assert Predictor(cache, f"{key}/logreg").spec.image_size == [96, 64]  # rebuilt at the head's own size
+    est, _ = load_head(heads_dir(cache, key) / "logreg.joblib")
+    with FeatureStore.open(cache_file(cache, key)) as store:
+        ids = list(store.column("path"))
+        want = est.predict_proba(store.read_features(np.array([ids.index(str(f)) for f in files])))
+    for p, row in zip(preds, want):  # the numbers the head saw in the 96x64 cache
+        assert p.probabilities[p.city] == pytest.approx(row.max(), abs=1e-4)
+
+
+def test_cli_image_size_takes_w_by_h_and_names_the_option_in_errors(tmp_path, runner):
+    from featkit.cli import app
+    from featkit.store import backbone_keys
+
+    photos = make_photos(tmp_path / "photos", n=6, size=(64, 48))
+    cache = tmp_path / "cache"
+    common = ["--weights", "random", "--no-progress", "--workers", "0", "--batch-size", "8", "--test-size", "2", "--val-size", "1"]
+    r = runner.invoke(app, ["extract", str(photos), "--cache", str(cache), "--image-size", "96x64", *common])
+    assert r.exit_code == 0, r.output
+    assert backbone_keys(cache) == ["vgg16-96x64"]
+    r = runner.invoke(app, ["extract", str(photos), "--cache", str(cache), "--image-size", "96by64", *common])
+    assert r.exit_code == 2 and "--image-size '96by64' is not an input size" in r.output
