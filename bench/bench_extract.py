@@ -188,11 +188,12 @@ def load(args, arch: str, weights):
 def bench_one(args, net, spec, photos, variants, dev, workers, root: Path) -> dict:
     """Seconds of each variant for one backbone (median over --repeats)."""
     from featkit.images import load_image
+    from featkit.store import cache_file
 
     n = len(photos)
     images = torch.stack([load_image(photos[i % n].path, spec.image_size, spec.interpolation) for i in range(args.batch_size)])
     model_c = naive_model(net, spec, dev) if "naive" in variants else None
-    cache = root / "cache" / f"features-{spec.key}.h5"
+    cache = cache_file(root / "cache", spec.key)
     runs = {
         "a": lambda: ceiling(net, images, n, args.batch_size, dev),
         "b": lambda: featkit_extract(photos, net, spec, cache, args.device, args.batch_size, workers, args.decode),

@@ -79,7 +79,8 @@ def backbone_keys(cache_dir: str | Path) -> list[str]:
     folder = Path(cache_dir)
     keys = [DEFAULT_KEY] if (folder / CACHE_FILE).is_file() else []
     if folder.is_dir():
-        keys += sorted(m.group(1) for f in folder.iterdir() if (m := _KEYED.match(f.name)) and ".rank" not in f.name)
+        # (a stray "features-vgg16.h5" is not the default's file, which is features.h5: not listed)
+        keys += sorted(m.group(1) for f in folder.iterdir() if (m := _KEYED.match(f.name)) and ".rank" not in f.name and m.group(1) != DEFAULT_KEY)
     return keys
 
 

@@ -113,3 +113,11 @@ def test_split_redraws_every_backbone_alike_and_fit_can_take_one_backbone(two_ba
     assert r.exit_code == 0, r.output
     assert len(backbone_keys(other)) == 3
     assert _splits(cache_file(other, "resnet18")) == _splits(cache_file(other, keys[0]))
+
+
+def test_backbone_keys_list_the_default_once_and_ignore_shards_and_strays(tmp_path):
+    assert backbone_keys(tmp_path) == []
+    for name in ("features.h5", "features-resnet50.h5", "features-vgg16.h5", "features-resnet50.h5.rank0-of-2.h5", "features-x.h5.creating"):
+        (tmp_path / name).write_bytes(b"")
+    assert backbone_keys(tmp_path) == ["vgg16", "resnet50"]
+    assert cache_file(tmp_path, "vgg16").name == "features.h5" and heads_dir(tmp_path, "resnet50") == tmp_path / "heads" / "resnet50"
