@@ -396,3 +396,13 @@ def test_cli_image_size_takes_w_by_h_and_names_the_option_in_errors(tmp_path, ru
     assert backbone_keys(cache) == ["vgg16-96x64"]
     r = runner.invoke(app, ["extract", str(photos), "--cache", str(cache), "--image-size", "96by64", *common])
     assert r.exit_code == 2 and "--image-size '96by64' is not an input size" in r.output
+
+
+def test_a_vit_gives_its_cls_token_with_its_own_preprocessing():
+    net, spec = load_backbone("random", arch="timm:vit_tiny_patch16_224")
+    assert (spec.pooling, spec.feature_dim, spec.image_size, spec.interpolation) == ("token", 192, 224, "bicubic")
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.key == "timm-vit_tiny_patch16_224"  # timm's augreg config, not ImageNet's
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = net(x)
+    assert out.shape == (2, 192) and torch.isfinite(out).all()
