@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import json as jsonlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from featkit.errors import FeatkitError
+from featkit.errors import FeatkitError, UntrustedHeadWarning
 from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, DOWNLOAD, ENDPOINT_ENV, EXTRACT, MLP, PREDICT
 
 app = typer.Typer(
@@ -51,7 +52,15 @@ def clean_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:  # the filters in force still apply
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    for w in caught:  # featkit's own warnings as one plain line each; others as Python shows them
+                        if issubclass(w.category, UntrustedHeadWarning):
+                            typer.echo(f"warning: {w.message}", err=True)
+                        else:
+                            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         except FeatkitError as e:
             msg = str(e)
             if e.param:

@@ -15,3 +15,8 @@ class FeatkitError(Exception):
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class UntrustedHeadWarning(UserWarning):
+    """A ``*.joblib`` under a heads folder that is not in its manifest (planted, copied, stale or edited):
+    ignored, never unpickled. The CLI prints it as one ``warning:`` line."""

@@ -13,7 +13,7 @@ import numpy as np
 from featkit import __version__
 from featkit.cities import city_coordinates
 from featkit.errors import FeatkitError
-from featkit.heads import load_head
+from featkit.heads import load_head, trusted_heads, warn_ignored
 from featkit.leaks import HASH_CACHE, SplitPhoto, split_leaks
 from featkit.metrics import evaluate_predictions, geographic_error, rank_heads
 from featkit.provenance import provenance
@@ -32,11 +32,17 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
     """
     cache_dir = Path(cache_dir)
     keys = backbone_keys(cache_dir)
-    fitted = {k: sorted(heads_dir(cache_dir, k).glob("*.joblib")) for k in keys}
-    fitted = {k: v for k, v in fitted.items() if v}
+    fitted, ignored = {}, []
+    for k in keys:
+        trusted, untrusted = trusted_heads(heads_dir(cache_dir, k))
+        ignored += untrusted
+        if trusted:
+            fitted[k] = trusted
+    warn_ignored(ignored)  # planted, stale or edited files: never unpickled
     if not fitted:
         where = heads_dir(cache_dir) if not keys or keys == [DEFAULT_KEY] else f"{heads_dir(cache_dir)} (or its backbone folders)"
-        raise FeatkitError(f"no fitted heads in {where}; run `featkit fit --head all` first")
+        extra = f" ({len(ignored)} file(s) there are not featkit's own and were ignored)" if ignored else ""
+        raise FeatkitError(f"no fitted heads in {where}{extra}; run `featkit fit --head all` first")
     heads, backbones = {}, {}
     reference = None  # the first backbone's test photos, in its row order: every head is judged on these
     for key, paths in fitted.items():

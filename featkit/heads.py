@@ -55,7 +55,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from featkit.atomic import atomic_path
 from featkit.blocks import ArrayBlocks
 from featkit.devices import resolve_device
-from featkit.errors import FeatkitError
+from featkit.errors import FeatkitError, UntrustedHeadWarning
 from featkit.options import MLP
 
 
@@ -557,16 +557,89 @@ def can_stream(head: BaseEstimator) -> bool:
     return callable(getattr(head, "fit_blocks", None))
 
 
-def save_head(path, head: BaseEstimator, record: dict) -> None:
-    """Save a fitted head with joblib, together with what it was trained on (``record``).
+HEADS_MANIFEST = "manifest.json"  # beside the heads: which files featkit's fit wrote there, with their SHA-256
 
-    Atomic: a killed save never leaves a half-written head under the real name.
+
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(folder) -> dict:
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / HEADS_MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): v for k, v in data.get("heads", {}).items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+    except (OSError, ValueError, AttributeError):
+        return {}  # missing or damaged: nothing in the folder is trusted
+
+
+def save_head(path, head: BaseEstimator, record: dict) -> None:
+    """Save a fitted head with joblib, together with what it was trained on (``record``), and enter the
+    file's SHA-256 in the folder's ``manifest.json``: :func:`load_head` unpickles nothing else.
+
+    Atomic: a killed save never leaves a half-written head under the real name; a kill between the
+    head and the manifest leaves the new file untrusted (refit), never a wrong head trusted.
     """
+    import json
+    from pathlib import Path
+
+    from featkit.atomic import atomic_write
+
+    path = Path(path)
     with atomic_path(path) as tmp:
         joblib.dump({"head": head, "record": record}, tmp)
+    heads = _read_manifest(path.parent)
+    heads[path.name] = {"sha256": _sha256(path), "head": record.get("head", path.stem), "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write(path.parent / HEADS_MANIFEST, json.dumps({"heads": heads}, indent=1, sort_keys=True) + "\n")
+
+
+def trusted_heads(folder) -> tuple[list, list]:
+    """``(trusted, ignored)`` head files of a heads folder: the ``*.joblib`` files its manifest lists with the
+    SHA-256 they have now, and every other ``*.joblib`` (planted, copied, stale, edited, or saved before
+    featkit kept a manifest), which is never unpickled."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.joblib")) if folder.is_dir() else []
+    listed = _read_manifest(folder)
+    trusted, ignored = [], []
+    for f in files:
+        entry = listed.get(f.name)
+        (trusted if entry is not None and entry["sha256"] == _sha256(f) else ignored).append(f)
+    return trusted, ignored
+
+
+def warn_ignored(ignored: list) -> None:
+    """One warning naming the head files that are not featkit's own (never loaded)."""
+    if ignored:
+        names = ", ".join(str(p) for p in ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        warnings.warn(
+            f"ignored {len(ignored)} head file(s) that featkit's fit did not write here, or that changed since: {names} "
+            "(a head is a pickle, and unpickling runs code; refit with `featkit fit`)",
+            UntrustedHeadWarning, stacklevel=2,
+        )
 
 
 def load_head(path) -> tuple[BaseEstimator, dict]:
+    """Unpickle a head, but only one :func:`save_head` wrote: its SHA-256 must be the manifest's."""
+    from pathlib import Path
+
+    path = Path(path)
+    entry = _read_manifest(path.parent).get(path.name)
+    if entry is None or not path.is_file() or entry["sha256"] != _sha256(path):
+        raise FeatkitError(
+            f"head file {path} is not one featkit's fit wrote there (not in {path.parent / HEADS_MANIFEST}, or changed since); "
+            "it is not loaded, because unpickling runs code: refit with `featkit fit`"
+        )
     try:
         obj = joblib.load(path)
         return obj["head"], obj["record"]

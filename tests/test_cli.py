@@ -44,7 +44,7 @@ def test_extract_fit_compare_end_to_end(runner, photos, tmp_path):
     assert "72 extracted, 0 skipped" in r.output
     r = run(runner, "fit", "--head", "all", "--cache", cache, "--epochs", "30")
     assert r.exit_code == 0, r.output
-    assert {p.name for p in (cache / "heads").iterdir()} == {"mlp.joblib", "logreg.joblib", "svm.joblib"}
+    assert {p.name for p in (cache / "heads").iterdir()} == {"mlp.joblib", "logreg.joblib", "svm.joblib", "manifest.json"}
     r = run(runner, "compare", "--cache", cache, "--reports", reports)
     assert r.exit_code == 0, r.output
     data = json.loads((reports / "compare.json").read_text())
@@ -123,6 +123,9 @@ def test_head_from_another_cache_is_refused(runner, tmp_path):
     assert run(runner, "fit", "--head", "logreg", "--cache", a).exit_code == 0
     (b / "heads").mkdir()
     (a / "heads" / "logreg.joblib").rename(b / "heads" / "logreg.joblib")
+    r = run(runner, "compare", "--cache", b, "--reports", tmp_path / "r")
+    assert_clean_failure(r, "no fitted heads", "not featkit's own")  # a lone file: not trusted, never unpickled
+    (a / "heads" / "manifest.json").rename(b / "heads" / "manifest.json")  # the whole heads folder moved over
     r = run(runner, "compare", "--cache", b, "--reports", tmp_path / "r")
     assert_clean_failure(r, "trained on cities", "refit")
     # same cities, same backbone, but a rebuilt cache: still refused

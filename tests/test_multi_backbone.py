@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import featkit
 from conftest import FAST, make_photos
 from featkit.cli import app
+from featkit.errors import UntrustedHeadWarning
 from featkit.store import FeatureStore, backbone_keys, cache_file, heads_dir
 
 SECOND = "timm:tf_efficientnet_lite0"  # mean = std = 0.5 in its config: a family unlike VGG16
@@ -65,12 +67,21 @@ def test_heads_per_backbone_and_one_comparison_of_every_pair(two_backbones, tmp_
     md = paths["md"].read_text()
     assert "## Backbone x head" in md and "Backbone × head" in paths["html"].read_text()
     # a head of one backbone put among the other's heads is refused, naming both backbones
-    shutil.copy(heads_dir(cache) / "logreg.joblib", heads_dir(cache, keys[1]) / "stray.joblib")
+    stray = heads_dir(cache, keys[1]) / "stray.joblib"
+    manifest = heads_dir(cache, keys[1]) / "manifest.json"
+    saved = manifest.read_text()
+    shutil.copy(heads_dir(cache) / "logreg.joblib", stray)
     try:
+        with pytest.warns(UntrustedHeadWarning, match="stray.joblib"):  # not in this folder's manifest: never loaded
+            featkit.compare(cache, tmp_path / "reports", leaks=False)
+        entries = json.loads(saved)
+        entries["heads"]["stray.joblib"] = json.loads((heads_dir(cache) / "manifest.json").read_text())["heads"]["logreg.joblib"]
+        manifest.write_text(json.dumps(entries))  # heads folders mixed up, manifests and all: the identity still tells
         with pytest.raises(featkit.FeatkitError, match=r"arch=vgg16.*arch=timm:tf_efficientnet_lite0"):
             featkit.compare(cache, tmp_path / "reports", leaks=False)
     finally:
-        (heads_dir(cache, keys[1]) / "stray.joblib").unlink()
+        stray.unlink()
+        manifest.write_text(saved)
     # predict uses the named backbone's head and rebuilds that backbone
     files = sorted((photos / "Tokyo").glob("*.jpg"))[:3]
     preds = featkit.predict(files, cache, head=f"{keys[1]}/logreg", top=3)
