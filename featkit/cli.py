@@ -205,9 +205,9 @@ def compare(
     from featkit.api import compare as compare_heads
 
     results, paths = compare_heads(cache, reports, cities=cities, leaks=leaks)
-    best = max(results["heads"].items(), key=lambda kv: kv[1]["accuracy"])
+    best = results["ranking"]["ranking"][0]  # the report's best (accuracy, then name), whose galleries it shows
     summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
-    typer.echo(f"test accuracy: {summary} (best: {best[0]}) -> {paths['html']} (and compare.md, compare.json)")
+    typer.echo(f"test accuracy: {summary} (best: {best}) -> {paths['html']} (and compare.md, compare.json)")
 
 
 @app.command()
