@@ -8,12 +8,13 @@ folder name.
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+import numpy as np
 
 from featkit.errors import FeatkitError
 from featkit.options import DOWNLOAD
@@ -164,14 +165,22 @@ def _parse_bbox(value: object, where: str) -> tuple[float, float, float, float]:
     return (min_lon, min_lat, max_lon, max_lat)
 
 
+EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
+
+
+def great_circle_km(lat1, lon1, lat2, lon2) -> np.ndarray:
+    """Great-circle distance in km between points given in degrees (haversine; broadcasts over arrays)."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp, dl = p2 - p1, np.radians(np.asarray(lon2) - np.asarray(lon1))
+    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
 def haversine_km(a: City | tuple[float, float], b: City | tuple[float, float]) -> float:
     """Great-circle distance in km between two cities or ``(lat, lon)`` pairs."""
     lat1, lon1 = (a.lat, a.lon) if isinstance(a, City) else a
     lat2, lon2 = (b.lat, b.lon) if isinstance(b, City) else b
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * 6371.0088 * math.asin(min(1.0, math.sqrt(h)))
+    return float(great_circle_km(lat1, lon1, lat2, lon2))
 
 
 FOLDER_CITIES_FILE = "cities.toml"  # a photo folder may carry its own cities (with coordinates) beside the city folders

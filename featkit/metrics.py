@@ -25,6 +25,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import confusion_matrix
 
+from featkit.cities import great_circle_km
+
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
 SEED = 0
@@ -232,16 +234,7 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = CALIB
 
 # --------------------------------------------------------------------------- distances
 
-EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
 DISTANCE_THRESHOLDS_KM = (500, 2500)
-
-
-def great_circle_km(lat1, lon1, lat2, lon2) -> np.ndarray:
-    """Great-circle distance in km between points given in degrees (haversine; broadcasts)."""
-    p1, p2 = np.radians(lat1), np.radians(lat2)
-    dp, dl = p2 - p1, np.radians(np.asarray(lon2) - np.asarray(lon1))
-    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 def geographic_error(true_idx: np.ndarray, pred_idx: np.ndarray, coords: np.ndarray) -> dict:

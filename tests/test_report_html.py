@@ -17,7 +17,8 @@ from sklearn.metrics import balanced_accuracy_score
 import featkit
 from conftest import make_photos
 from featkit.leaks import SplitPhoto, split_leaks
-from featkit.metrics import EARTH_RADIUS_KM, balanced_accuracy, calibration, confused_pairs, evaluate_predictions, geographic_error, great_circle_km
+from featkit.cities import EARTH_RADIUS_KM, great_circle_km
+from featkit.metrics import balanced_accuracy, calibration, confused_pairs, evaluate_predictions, geographic_error
 from featkit.report import md, render_html, render_markdown, write_report
 
 QUARTER_EARTH_KM = np.pi / 2 * EARTH_RADIUS_KM  # (0, 0) to (0, 90): a quarter of a great circle
