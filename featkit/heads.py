@@ -633,15 +633,22 @@ def load_head(path) -> tuple[BaseEstimator, dict]:
     """Unpickle a head, but only one :func:`save_head` wrote: its SHA-256 must be the manifest's."""
     from pathlib import Path
 
+    import hashlib
+    import io
+
     path = Path(path)
     entry = _read_manifest(path.parent).get(path.name)
-    if entry is None or not path.is_file() or entry["sha256"] != _sha256(path):
+    try:
+        data = path.read_bytes()  # read once: the bytes checked are the bytes unpickled
+    except OSError:
+        data = None
+    if entry is None or data is None or entry["sha256"] != hashlib.sha256(data).hexdigest():
         raise FeatkitError(
             f"head file {path} is not one featkit's fit wrote there (not in {path.parent / HEADS_MANIFEST}, or changed since); "
             "it is not loaded, because unpickling runs code: refit with `featkit fit`"
         )
     try:
-        obj = joblib.load(path)
+        obj = joblib.load(io.BytesIO(data))
         return obj["head"], obj["record"]
     except Exception as e:
         raise FeatkitError(f"head file {path} cannot be read ({type(e).__name__}); refit it with `featkit fit`") from None
