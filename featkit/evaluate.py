@@ -21,6 +21,20 @@ from featkit.splits import split_counts
 from featkit.store import DEFAULT_KEY, FeatureStore, backbone_keys, cache_file, check_identity, heads_dir
 
 
+def fitted_head_files(cache_dir: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """The head files featkit's fit wrote for each backbone of a cache (``{key: files}``, backbones without
+    any left out), and the other ``*.joblib`` files found beside them, which are warned about once and
+    never unpickled."""
+    fitted, ignored = {}, []
+    for key in backbone_keys(cache_dir):
+        trusted, untrusted = trusted_heads(heads_dir(cache_dir, key))
+        ignored += untrusted
+        if trusted:
+            fitted[key] = trusted
+    warn_ignored(ignored)  # planted, stale or edited files
+    return fitted, ignored
+
+
 def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, leaks: bool = True) -> dict:
     """Evaluate every fitted head of every backbone of the cache on the same test photos; the results
     the report is made of. With one backbone the entries are named by head (``mlp``); with several,
@@ -31,15 +45,9 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
     ``leaks``: check the split for owners and near-duplicate photos shared by test and train.
     """
     cache_dir = Path(cache_dir)
-    keys = backbone_keys(cache_dir)
-    fitted, ignored = {}, []
-    for k in keys:
-        trusted, untrusted = trusted_heads(heads_dir(cache_dir, k))
-        ignored += untrusted
-        if trusted:
-            fitted[k] = trusted
-    warn_ignored(ignored)  # planted, stale or edited files: never unpickled
+    fitted, ignored = fitted_head_files(cache_dir)
     if not fitted:
+        keys = backbone_keys(cache_dir)
         where = heads_dir(cache_dir) if not keys or keys == [DEFAULT_KEY] else f"{heads_dir(cache_dir)} (or its backbone folders)"
         extra = f" ({len(ignored)} file(s) there are not featkit's own and were ignored)" if ignored else ""
         raise FeatkitError(f"no fitted heads in {where}{extra}; run `featkit fit --head all` first")
@@ -50,9 +58,10 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
             Xte, yte, ids = store.load_split("test")
             found = {
                 "cities": store.cities(), "identity": store.identity, "cache_id": store.cache_id, "split_id": store.split_id,
-                "columns": {k: store.column(k) for k in ("photo_id", "city", "split", "path", "owner")},
                 "backbone": store.provenance.get("backbone", ""), "path": store.path,
             }
+            if reference is None:  # the photo columns are the report's: read them from the reference backbone only
+                found["columns"] = {k: store.column(k) for k in ("photo_id", "city", "split", "path", "owner")}
         if len(yte) == 0:
             raise FeatkitError("the cache's test split is empty; re-extract with a larger `test_size`", param="test_size")
         if reference is None:

@@ -33,10 +33,11 @@ from featkit.backbones import RANDOM_SOURCE, TORCHVISION_SOURCE, load_backbone
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
 from featkit.extraction import default_workers, feature_batches
-from featkit.heads import load_head, trusted_heads, warn_ignored
+from featkit.evaluate import fitted_head_files
+from featkit.heads import load_head
 from featkit.manifest import IMAGE_SUFFIXES, Photo
 from featkit.options import EXTRACT, PREDICT
-from featkit.store import FeatureStore, backbone_keys, cache_file, cache_identity, check_identity, heads_dir
+from featkit.store import FeatureStore, cache_file, cache_identity, check_identity, heads_dir
 
 CSV_COLUMNS = ("source", "rank", "city", "probability", "error")
 
@@ -93,13 +94,8 @@ def _check_batching(batch_size: int, workers: int | None) -> None:
 def fitted_heads(cache_dir: str | Path) -> dict[str, tuple[str, Path]]:
     """``{name: (backbone key, file)}`` of the heads fitted on a cache. Names are ``mlp`` when the cache has
     heads of one backbone only, else ``<backbone>/mlp`` (as in the report)."""
-    found, ignored = {}, []
-    for key in backbone_keys(cache_dir):
-        trusted, untrusted = trusted_heads(heads_dir(cache_dir, key))
-        ignored += untrusted
-        for p in trusted:
-            found[(key, p.stem)] = p
-    warn_ignored(ignored)  # never unpickled
+    fitted, _ = fitted_head_files(cache_dir)
+    found = {(key, p.stem): p for key, files in fitted.items() for p in files}
     several = len({k for k, _ in found}) > 1
     return {(f"{k}/{h}" if several else h): (k, p) for (k, h), p in found.items()}
 
