@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -445,16 +444,17 @@ def _strip_torchvision_classifier(model: nn.Module) -> tuple[str, int]:
     raise FeatkitError(f"cannot find the final classifier Linear of {type(model).__name__} (looked at {', '.join(_TORCHVISION_HEADS)}); use another backbone")
 
 
-def _fit_state(body: nn.Module, sd: dict[str, torch.Tensor], classifier: str, label: str, what: str) -> dict[str, torch.Tensor]:
-    """``sd`` without the removed classifier's tensors; a missing key or any other extra key is refused, naming it."""
+def _fit_state(body: nn.Module, sd: dict[str, torch.Tensor], classifier: str | None, label: str, what: str) -> dict[str, torch.Tensor]:
+    """``sd`` without the removed classifier's tensors (``classifier``: its module path, None when none was
+    removed); a missing key or any other extra key is refused, naming the first."""
     expected = body.state_dict().keys()
-    prefix = classifier + "."
-    extra = [k for k in sd if k not in expected and not k.startswith(prefix)]
+    extra = [k for k in sd if k not in expected and not (classifier and k.startswith(classifier + "."))]
     missing = [k for k in expected if k not in sd]
     if missing or extra:
         first = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
         n = len(missing) + len(extra)
-        raise FeatkitError(f"weights {label} do not fit {what} ({first}{f', and {n - 1} more' if n > 1 else ''}); expected a state_dict of {what} (classifier {classifier!r} included or not)")
+        optional = f" (classifier {classifier!r} included or not)" if classifier else ""
+        raise FeatkitError(f"weights {label} do not fit {what} ({first}{f', and {n - 1} more' if n > 1 else ''}); expected a state_dict of {what}{optional}")
     return {k: v for k, v in sd.items() if k in expected}
 
 
@@ -622,16 +622,8 @@ def _load_vgg16(weights, *, pooling: str, image_size: int | tuple[int, int], see
     else:
         path = Path(weights)
         label, sd = f"file:{path.name}", _conv_base_state(_file_state_dict(path))
-    try:
-        features.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        first = lines[1].strip() if len(lines) > 1 else str(e)
-        kind, keys = first.split(":", 1) if ":" in first else (first, "")
-        names = re.findall(r'"([^"]+)"', keys)
-        if names:  # one key is enough to see what is wrong; all 26 make a wall of text
-            first = f"{kind.strip().lower().replace('(s)', '')} {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-        raise FeatkitError(f"weights {label} do not fit VGG16's conv base ({first}); expected a state_dict for vgg16().features or vgg16()") from None
+    what = "VGG16's conv base, vgg16().features or vgg16()"
+    _load_fitting(features, _fit_state(features, sd, None, label, what), label, what)
     return _finish(
         features, "vgg16", label, image_size, IMAGENET_MEAN, IMAGENET_STD, pooling, feature_dim(pooling, image_size), DEFAULT_INTERPOLATION, flip,
         grid=vgg16_grid(pooling, image_size),
