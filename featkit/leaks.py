@@ -80,6 +80,15 @@ def photo_hashes(paths: list[str], cache_path: Path | None = None, workers: int 
     return {p: known[k] for p, k in keys.items() if k is not None and k in known}
 
 
+def _by_owner(photos: list[SplitPhoto]) -> dict[str, list[SplitPhoto]]:
+    """Photos grouped by owner (photos without one left out), in their order."""
+    groups: dict[str, list[SplitPhoto]] = {}
+    for p in photos:
+        if p.owner:
+            groups.setdefault(p.owner, []).append(p)
+    return groups
+
+
 def split_leaks(photos: list[SplitPhoto], *, bits: int = NEAR_DUP_BITS, hash_cache: Path | None = None) -> dict:
     """Owners and near-duplicates shared by the test split and the photos heads learn from (train + val).
 
@@ -88,15 +97,12 @@ def split_leaks(photos: list[SplitPhoto], *, bits: int = NEAR_DUP_BITS, hash_cac
     """
     test = [p for p in photos if p.split == "test"]
     seen = [p for p in photos if p.split in ("train", "val")]
-    seen_owners: dict[str, list[SplitPhoto]] = {}
-    for p in seen:
-        if p.owner:
-            seen_owners.setdefault(p.owner, []).append(p)
-    owner_rows = []
-    for owner in sorted({p.owner for p in test if p.owner and p.owner in seen_owners}):
-        mine = [p for p in test if p.owner == owner]
-        owner_rows.append({"owner": owner, "test": len(mine), "train_val": len(seen_owners[owner]),
-                           "example_test": mine[0].path, "example_train": seen_owners[owner][0].path})
+    seen_owners, test_owners = _by_owner(seen), _by_owner(test)
+    owner_rows = [
+        {"owner": owner, "test": len(mine), "train_val": len(seen_owners[owner]),
+         "example_test": mine[0].path, "example_train": seen_owners[owner][0].path}
+        for owner, mine in sorted(test_owners.items()) if owner in seen_owners
+    ]
     n_owner_photos = sum(r["test"] for r in owner_rows)
 
     hashes = photo_hashes([p.path for p in test + seen], hash_cache)
