@@ -99,8 +99,9 @@ def reliability_png(heads: dict) -> bytes:
     for ax, h in zip(axes[0], names):
         cal = heads[h]["calibration"]
         nb = cal["n_bins"]
+        most = max([b["n"] for b in cal["bins"]], default=1)
         for b in cal["bins"]:
-            ax.bar(b["lo"], b["accuracy"], width=1 / nb, align="edge", color="tab:blue", alpha=0.35 + 0.65 * min(1.0, b["n"] / max(1, max(bb["n"] for bb in cal["bins"]))), edgecolor="white")
+            ax.bar(b["lo"], b["accuracy"], width=1 / nb, align="edge", color="tab:blue", alpha=0.35 + 0.65 * b["n"] / most, edgecolor="white")
             ax.plot(b["confidence"], b["accuracy"], "o", color="tab:blue", ms=3)
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         ax.set_xlim(0, 1)
