@@ -37,26 +37,46 @@ def extract(
     (``backbone="timm:convnext_tiny", weights=PATH, batch_size=32, device="cuda"``). Under torchrun every
     process calls this with the same arguments and the photos are sharded.
     """
-    from featkit.backbones import load_backbone, weights_source
+    from featkit.backbones import load_backbone, parse_image_size, weights_source
     from featkit.devices import resolve_device
     from featkit.distributed import extract_distributed, torchrun_env
     from featkit.extraction import extract_features, shared_split
     from featkit.manifest import scan_photos
     from featkit.store import cache_file
+    from featkit.validate import ensure_writable_dir
 
     backbone, options = _split_overrides(backbone_options, options, overrides)
+    parse_image_size(backbone.image_size)
     resolve_device(options.device)  # fail on a missing GPU before loading anything
+    ensure_writable_dir(cache_dir, "cache_dir")  # before an hour of extraction, not after
     photos = scan_photos(source)
     net, spec = load_backbone(
         backbone.weights, arch=backbone.backbone, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.seed, flip=backbone.flip
     )
     path = cache_file(cache_dir, spec.key)  # one file per backbone; the folder's backbones share one split
     shared_split(path, options)  # another protocol than the other backbones' is refused before anything is written
+    repaired = 0
+    if options.repair and not options.overwrite and path.exists():
+        from featkit.store import verify_cache
+
+        repaired = verify_cache(path, repair=True)[1]  # damaged rows dropped here are extracted again below
     source = weights_source(backbone.weights)  # recorded in the cache, so `predict` finds the same weights
     ranks = torchrun_env()
     if ranks is not None:
-        return extract_distributed(photos, net, spec, path, options, ranks, on_batch=on_batch, weights_source=source)
-    return extract_features(photos, net, spec, path, options, on_batch=on_batch, weights_source=source)
+        summary = extract_distributed(photos, net, spec, path, options, ranks, on_batch=on_batch, weights_source=source)
+    else:
+        summary = extract_features(photos, net, spec, path, options, on_batch=on_batch, weights_source=source)
+    summary.n_repaired = repaired
+    return summary
+
+
+def verify(cache_dir: str | Path = "cache", *, backbone: str | None = None, repair: bool = False) -> list:
+    """Check every backbone's cache file through (each batch's checksum, finite features, split codes, unique
+    photo ids); with ``repair``, drop the rows that fail so the next ``extract`` extracts them again. Returns one
+    ``(Damage, rows_dropped)`` per file; damage that only a rebuild mends raises :class:`~featkit.errors.FeatkitError`."""
+    from featkit.store import cache_file, resolve_backbones, verify_cache
+
+    return [verify_cache(cache_file(cache_dir, k), repair=repair) for k in resolve_backbones(cache_dir, backbone)]
 
 
 def _split_overrides(backbone: BackboneOptions, options: ExtractOptions, overrides: dict):
@@ -88,7 +108,10 @@ def split(
     from featkit.extraction import resplit
     from featkit.store import FeatureStore, cache_file, resolve_backbones
 
+    from featkit.validate import require_cache
+
     options = ExtractOptions(seed=seed, test_size=test_size, val_size=val_size)
+    require_cache(cache_dir)
     with ExitStack() as stack:  # every backbone of the cache gets the same new split
         stores = [stack.enter_context(FeatureStore.open(cache_file(cache_dir, k), writable=True)) for k in resolve_backbones(cache_dir)]
         return resplit(stores, options)
@@ -125,7 +148,10 @@ def compare(
     """
     from featkit.evaluate import evaluate_heads
     from featkit.report import write_report
+    from featkit.validate import ensure_writable_dir, require_cache
 
+    require_cache(cache_dir, heads=True)
+    ensure_writable_dir(reports_dir, "reports_dir")  # refused before the heads are evaluated
     results = evaluate_heads(cache_dir, cities_spec=cities, leaks=leaks)
     return results, write_report(results, reports_dir)
 

@@ -59,14 +59,17 @@ TIMM_PREFIX = "timm:"
 TORCHVISION_DEFAULT = "torchvision:VGG16_Weights.IMAGENET1K_V1"
 DEFAULT_KEY = "vgg16"  # the key of the study's features: vgg16, flatten, 224, no flip
 DEFAULT_INTERPOLATION = "bilinear"
+MIN_IMAGE_SIZE = 32  # pixels a side: every CNN here halves its input five times (VGG16 flatten needs 32)
 MAX_IMAGE_SIZE = 4096  # pixels a side
+MAX_IMAGE_PIXELS = 2048 * 2048  # a photo: VGG16's first activations are already 0.5 GB at float16 per photo
 VGG16_GRID = (7, 7)  # the conv map at 224: what the study's heads expect of ``flatten``
 
 
 def parse_image_size(value) -> int | tuple[int, int] | None:
     """An input size as given (an int, a ``(W, H)`` pair, ``"320x224"``, ``"224"``, or None for the
     backbone's own) -> an int for a square (``"224x224"`` -> 224), a ``(W, H)`` tuple otherwise, or None.
-    Bad text, sizes below 1 or above 4096 are a one-line :class:`FeatkitError` about `image_size`."""
+    Bad text, sides below 32 or above 4096, or more than 2048x2048 pixels are a one-line :class:`FeatkitError`
+    about `image_size`."""
     if value is None:
         return None
     parts = None
@@ -85,9 +88,17 @@ def parse_image_size(value) -> int | tuple[int, int] | None:
             f"`image_size` {value!r} is not an input size; give one number for a square (224) or WIDTHxHEIGHT (320x224)",
             param="image_size",
         )
-    if not all(1 <= v <= MAX_IMAGE_SIZE for v in parts):
+    shown = format_image_size(parts[0] if len(parts) == 1 else tuple(parts))
+    if not all(MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE for v in parts):
         raise FeatkitError(
-            f"`image_size` {format_image_size(parts[0] if len(parts) == 1 else tuple(parts))} is out of range; each side must be 1 to {MAX_IMAGE_SIZE} pixels",
+            f"`image_size` {shown} is out of range; each side must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels "
+            "(the backbones halve their input five times; 224 is VGG16's own)",
+            param="image_size",
+        )
+    width, height = parts[0], parts[-1]
+    if width * height > MAX_IMAGE_PIXELS:
+        raise FeatkitError(
+            f"`image_size` {shown} is {width * height:,} pixels a photo; at most {MAX_IMAGE_PIXELS:,} (2048x2048), e.g. 320x224 or 448",
             param="image_size",
         )
     if len(parts) == 1 or parts[0] == parts[1]:
@@ -314,15 +325,15 @@ def _torchvision_state_dict() -> dict[str, torch.Tensor]:
 
 def _file_state_dict(path: Path, what: str = "vgg16().features or vgg16()") -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FeatkitError(f"weights file {path} does not exist; give a state_dict file for {what}")
+        raise FeatkitError(f"weights file {path} does not exist; give a state_dict file for {what}", param="weights")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FeatkitError(f"weights file {path} is not a torch state_dict ({type(e).__name__}); save one with torch.save(model.state_dict(), PATH)") from None
+        raise FeatkitError(f"weights file {path} is not a torch state_dict ({type(e).__name__}); save one with torch.save(model.state_dict(), PATH)", param="weights") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FeatkitError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
+        raise FeatkitError(f"weights file {path} does not hold a state_dict (a dict of tensors)", param="weights")
     return obj
 
 
@@ -351,14 +362,15 @@ def _check_arch(arch: str) -> None:
         import timm
 
         if not name or not timm.is_model(name):
-            raise FeatkitError(f"unknown timm model {name!r} (backbone {arch!r}); see timm.list_models() for the names")
+            raise FeatkitError(f"unknown timm model {name!r} (backbone {arch!r}); see timm.list_models() for the names", param="backbone")
         return
     if arch in ARCHS or arch in _torchvision_names():
         return
     raise FeatkitError(
         f"unknown backbone {arch!r}; choose one of: {', '.join(ARCHS)}, a torchvision classification model name "
         "(resnet50, efficientnet_b0, convnext_tiny, vit_b_16...: torchvision.models.list_models(module=torchvision.models)) "
-        "or timm:NAME (any timm model)"
+        "or timm:NAME (any timm model)",
+        param="backbone",
     )
 
 
@@ -454,7 +466,7 @@ def _fit_state(body: nn.Module, sd: dict[str, torch.Tensor], classifier: str | N
         first = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
         n = len(missing) + len(extra)
         optional = f" (classifier {classifier!r} included or not)" if classifier else ""
-        raise FeatkitError(f"weights {label} do not fit {what} ({first}{f', and {n - 1} more' if n > 1 else ''}); expected a state_dict of {what}{optional}")
+        raise FeatkitError(f"weights {label} do not fit {what} ({first}{f', and {n - 1} more' if n > 1 else ''}); expected a state_dict of {what}{optional}", param="weights")
     return {k: v for k, v in sd.items() if k in expected}
 
 
@@ -464,7 +476,7 @@ def _load_fitting(body: nn.Module, sd: dict[str, torch.Tensor], label: str, what
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         first = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
-        raise FeatkitError(f"weights {label} do not fit {what} ({first}); expected a state_dict of {what}") from None
+        raise FeatkitError(f"weights {label} do not fit {what} ({first}); expected a state_dict of {what}", param="weights") from None
 
 
 def _cannot_download(what: str, e: BaseException) -> FeatkitError:
@@ -564,16 +576,16 @@ def load_backbone(
         choices = (own_pool,)
     pooling = own_pool if pooling is None else pooling
     if pooling not in choices:
-        raise FeatkitError(f"unknown pooling {pooling!r} for {arch}; choose one of: {', '.join(choices)}")
+        raise FeatkitError(f"unknown pooling {pooling!r} for {arch}; choose one of: {', '.join(choices)}", param="pooling")
     if pooling != own_pool:
         body.reset_classifier(0, pooling)
     image_size = own_size if image_size is None else image_size
     vit = _is_torchvision_vit(arch) or (timm_name is not None and hasattr(body, "patch_embed"))
     if vit and image_size != own_size:
-        raise FeatkitError(f"{arch} takes only its own input size, {own_size} (a ViT's position embeddings are made for it); got image size {format_image_size(image_size)}")
+        raise FeatkitError(f"{arch} takes only its own input size, {own_size} (a ViT's position embeddings are made for it); got image size {format_image_size(image_size)}", param="image_size")
     width, height = size_wh(image_size)
     if min(width, height) < 32:
-        raise FeatkitError(f"image size {format_image_size(image_size)} is too small for {arch}; use at least 32 a side (its own is {own_size})")
+        raise FeatkitError(f"image size {format_image_size(image_size)} is too small for {arch}; use at least 32 a side (its own is {own_size})", param="image_size")
     if interp not in INTERPOLATIONS:
         raise FeatkitError(f"{arch} asks for {interp!r} interpolation, which featkit does not support (it does {', '.join(INTERPOLATIONS)})")
     body.eval()
@@ -602,14 +614,24 @@ def _finish(body, arch, label, image_size, mean, std, pooling, dim, interpolatio
     return net, spec
 
 
-def _load_vgg16(weights, *, pooling: str, image_size: int | tuple[int, int], seed: int, flip: bool) -> tuple[FeatureNet, BackboneSpec]:
-    if pooling not in POOLINGS:
-        raise FeatkitError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+def check_vgg16_size(image_size) -> int | tuple[int, int]:
+    """An input size VGG16 takes (see :func:`parse_image_size`): each side a multiple of 32; None is its own, 224."""
+    image_size = parse_image_size(image_size)
+    if image_size is None:
+        return 224
     if any(side < 32 or side % 32 for side in size_wh(image_size)):
         raise FeatkitError(
             f"image size {format_image_size(image_size)} must be a multiple of 32, at least 32 (VGG16 halves it five times), "
-            "each side of a WxH size too; the study used 224"
+            "each side of a WxH size too; the study used 224",
+            param="image_size",
         )
+    return image_size
+
+
+def _load_vgg16(weights, *, pooling: str, image_size: int | tuple[int, int], seed: int, flip: bool) -> tuple[FeatureNet, BackboneSpec]:
+    if pooling not in POOLINGS:
+        raise FeatkitError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}", param="pooling")
+    check_vgg16_size(image_size)
     from torchvision.models import vgg16
 
     with torch.random.fork_rng(devices=[]):

@@ -67,12 +67,15 @@ def load_cities(spec: str | None = None) -> list[City]:
     path = Path(spec).expanduser()
     if spec.lower().endswith(".toml") or path.is_file():
         if not path.is_file():
-            raise FeatkitError(f"cities file not found: {spec}; expected a TOML file with [[city]] entries")
+            raise FeatkitError(f"cities file not found: {spec}; expected a TOML file with [[city]] entries", param="cities")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise FeatkitError(f"cannot read cities file {spec}: {e}") from None
-        return _parse_cities_toml(text, str(path))
+            raise FeatkitError(f"cannot read cities file {spec}: {e}", param="cities") from None
+        try:
+            return _parse_cities_toml(text, str(path))
+        except FeatkitError as e:  # the file's own faults are the `cities` option's
+            raise FeatkitError(str(e), param="cities") from None
     by_name = {c.name.lower(): c for c in defaults}
     chosen: list[City] = []
     for raw in spec.split(","):
@@ -83,12 +86,13 @@ def load_cities(spec: str | None = None) -> list[City]:
             valid = ", ".join(c.name for c in defaults)
             raise FeatkitError(
                 f"unknown city {raw.strip()!r}; choose from the defaults: {valid} "
-                "(or pass a .toml file with your own cities)"
+                "(or pass a .toml file with your own cities)",
+                param="cities",
             )
         if by_name[key] not in chosen:
             chosen.append(by_name[key])
     if not chosen:
-        raise FeatkitError(f"no cities in {spec!r}; give a comma list such as 'London,Paris' or a .toml file")
+        raise FeatkitError(f"no cities in {spec!r}; give a comma list such as 'London,Paris' or a .toml file", param="cities")
     return chosen
 
 

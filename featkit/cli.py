@@ -8,6 +8,7 @@ library), and option names mirror the Python names in kebab-case.
 from __future__ import annotations
 
 import functools
+import inspect
 import json as jsonlib
 import sys
 import warnings
@@ -15,11 +16,41 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-from featkit.errors import FeatkitError, UntrustedHeadWarning
+from featkit.errors import FeatkitError, PhotoSourceWarning, UntrustedHeadWarning
 from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, DOWNLOAD, ENDPOINT_ENV, EXTRACT, MLP, PREDICT
 
+
+class OneLineErrors(TyperGroup):
+    """typer's group, with the usage errors its parser raises (``--workers abc``, an unknown option) as one
+    ``error:`` line naming the option, exit 2, like featkit's own errors, instead of a usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        click_errors = sys.modules[typer.BadParameter.__module__]  # the click typer runs on (its own copy in typer >= 0.20)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # plain `featkit`: the help (already printed by rich help)
+                if e.format_message().strip():
+                    typer.echo(e.format_message(), err=True)
+            else:
+                where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+                typer.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Learn where a photo was taken: extract frozen VGG16 features once, fit heads, compare them per city.",
     no_args_is_help=True,
     add_completion=False,
@@ -36,6 +67,21 @@ ProgressOpt = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="P
 def flag(param: str) -> str:
     """The command-line spelling of a Python parameter: ``batch_size`` -> ``--batch-size``."""
     return "--" + param.replace("_", "-")
+
+
+OPTION_OF = {"cache_dir": "cache", "reports_dir": "reports"}  # library parameters the commands spell otherwise
+
+
+def option_for(command, param: str) -> str | None:
+    """How ``command`` spells the library parameter ``param``: every long spelling of its option
+    (``--max-iter/--epochs``), an argument's metavar (``SOURCE``), or None when it takes no such value."""
+    p = inspect.signature(command).parameters.get(OPTION_OF.get(param, param))
+    if p is None:
+        return None
+    if isinstance(p.default, typer.models.ArgumentInfo):
+        return p.name.upper()
+    longs = [d.split("/")[0] for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
+    return "/".join(longs) or None
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -57,14 +103,18 @@ def clean_errors(fn):
                     return fn(*args, **kwargs)
                 finally:
                     for w in caught:  # featkit's own warnings as one plain line each; others as Python shows them
-                        if issubclass(w.category, UntrustedHeadWarning):
+                        if issubclass(w.category, (UntrustedHeadWarning, PhotoSourceWarning)):
                             typer.echo(f"warning: {w.message}", err=True)
                         else:
                             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         except FeatkitError as e:
-            msg = str(e)
+            msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whatever the library said
             if e.param:
-                msg = msg.replace(f"`{e.param}`", flag(e.param))
+                option = option_for(fn, e.param)
+                named = f"`{e.param}`" in msg
+                msg = msg.replace(f"`{e.param}`", option or flag(e.param))
+                if option and not named:  # the line always names the option at fault
+                    msg = f"{option}: {msg}"
             fail(msg)
         except KeyboardInterrupt:
             fail("interrupted; work done so far is saved, rerun the same command to resume", 130)
@@ -90,9 +140,20 @@ def download(
     """Download city photos from Flickr into CACHE/images/<city>/ and CACHE/manifest.csv (resumable)."""
     from featkit.cities import load_cities
     from featkit.collect import download_photos
-    from featkit.flickr import resolve_credentials
+    from featkit.flickr import resolve_credentials, resolve_license
+    from featkit.options import DownloadOptions
+    from featkit.validate import check_url, ensure_writable_dir
 
+    DownloadOptions(  # checks every value before the key is looked for or a folder made
+        per_city=per_city, query_template=query_template, license=license, has_geo=has_geo, min_size=min_size, min_interval_s=min_interval_s, workers=workers,
+    )
+    try:
+        resolve_license(license)
+    except FeatkitError as e:
+        raise FeatkitError(str(e), param="license") from None
+    check_url("endpoint", endpoint)
     city_list = load_cities(cities)
+    ensure_writable_dir(cache, "cache_dir")
     key, secret = resolve_credentials()
     s = download_photos(
         city_list, cache, per_city, api_key=key, api_secret=secret, endpoint=endpoint, query_template=query_template,
@@ -126,6 +187,8 @@ def extract(
     test_size: float = typer.Option(EXTRACT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),
     val_size: float = typer.Option(EXTRACT.val_size, "--val-size", help="Validation photos per city: a count or a fraction."),
     overwrite: bool = typer.Option(EXTRACT.overwrite, "--overwrite", help="Start the cache again instead of appending."),
+    retry_failed: bool = typer.Option(EXTRACT.retry_failed, "--retry-failed", help="Read again the photos recorded as failed (see CACHE/failed.csv), e.g. after fixing their files."),
+    repair: bool = typer.Option(EXTRACT.repair, "--repair", help="First drop the cached rows that fail their checks (see featkit verify), then extract them again."),
     progress: bool = ProgressOpt,
 ) -> None:
     """Run the photos once through a frozen backbone (VGG16's conv base by default) into CACHE/features.h5,
@@ -134,7 +197,7 @@ def extract(
 
     s = extract_photos(
         source, cache, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, flip=flip, device=device, batch_size=batch_size,
-        workers=workers, decode=decode, dtype=dtype, seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, progress=progress,
+        workers=workers, decode=decode, dtype=dtype, seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, repair=repair, retry_failed=retry_failed, progress=progress,
     )
     if s.reporter:  # under torchrun only rank 0 prints
         typer.echo(s.line())
@@ -162,6 +225,29 @@ def split(
 
 @app.command()
 @clean_errors
+def verify(
+    cache: Path = CacheOpt,
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Check this backbone's features only (default: every backbone the cache holds)."),
+    repair: bool = typer.Option(False, "--repair", help="Drop the rows that fail (featkit extract then extracts them again); bring an older cache layout up to date."),
+) -> None:
+    """Read every cached feature and check it: each batch's checksum, finite values, splits, unique photos (exit 1 when damaged)."""
+    from featkit.api import verify as verify_cache
+
+    damaged = 0
+    for d, dropped in verify_cache(cache, backbone=backbone, repair=repair):
+        if dropped:
+            typer.echo(f"{d.path}: dropped {dropped} damaged rows; extract them again with featkit extract PHOTOS --cache {cache}")
+        elif d.ok:
+            typer.echo(d.line())
+        else:
+            typer.echo(f"error: {d.line()}", err=True)
+            damaged += 1
+    if damaged:
+        raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
 def fit(
     head: str = typer.Option("all", "--head", help="mlp, logreg, svm, a comma list, or all."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Fit on this backbone's features only (default: every backbone the cache holds)."),
@@ -180,11 +266,7 @@ def fit(
 ) -> None:
     """Train heads on the cached features (train split; val split for early stopping and choices)."""
     from featkit.api import fit as fit_heads
-    from featkit.devices import resolve_device
-    from featkit.training import resolve_heads
 
-    resolve_heads(head)
-    resolve_device(device)
     mlp = {
         "max_iter": max_iter, "n_iter_no_change": n_iter_no_change, "hidden_layer_sizes": (hidden_layer_sizes,), "dropout": dropout,
         "alpha": alpha, "learning_rate_init": learning_rate_init, "batch_size": batch_size,
@@ -229,6 +311,10 @@ def predict(
     from featkit.prediction import Predictor, check_top, write_predictions_csv
 
     check_top(top)
+    if csv is not None:
+        from featkit.validate import ensure_writable_file
+
+        ensure_writable_file(csv, "csv")  # refused before any photo is read
     predictor = Predictor(cache, head, weights=weights, seed=seed, device=device, batch_size=batch_size, workers=workers)
     try:
         predictions = predictor.predict([str(p) for p in inputs], top=top)
@@ -275,9 +361,7 @@ def demo(
     """The whole job offline in minutes: generated photos of a few cities written to CACHE/demo/photos,
     extracted, three heads fitted and compared (outputs under CACHE/demo, REPORTS/demo)."""
     from featkit.demo import run_demo
-    from featkit.devices import resolve_device
 
-    resolve_device(device)
     results, paths = run_demo(
         cache / "demo", reports / "demo", cities=cities, per_city=per_city, weights=None if weights == "torchvision" else weights,
         image_size=image_size, device=device, seed=seed, progress=progress, log=lambda m: typer.echo(m, err=True),

@@ -20,14 +20,15 @@ import datetime as dt
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,8 @@ from featkit.manifest import MANIFEST_COLUMNS, SKIPPED_COLUMNS, read_manifest, w
 EXTRAS = "url_n,owner_name,license,geo,date_taken,tags"
 SIZE_SUFFIX = "n"  # url_n: 320 px on the longest side, enough for 224-px backbones
 TAKEN_FROM = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
-FLUSH_EVERY = 100  # rewrite the manifest after this many new images
+FLUSH_EVERY = 100  # rewrite the manifest after this many new images, or FLUSH_SHARE of those kept if more
+FLUSH_SHARE = 0.1  # (each rewrite costs all the rows: a fixed interval would make a long run quadratic)
 _PHOTO_ID = re.compile(r"^[0-9]{1,20}$")
 _DATE_TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 _TMP_SUFFIX = ".tmp"
@@ -249,7 +251,11 @@ class _Dedup:
         self.bits = bits
         self.sha_owner: dict[str, str] = {}  # sha256 -> kept photo id
         self.ids: list[str] = []
-        self.hashes: list[int] = []
+        self._hashes = np.empty(1024, dtype=np.uint64)  # the first len(ids) hold their hashes
+
+    @property
+    def hashes(self) -> np.ndarray:
+        return self._hashes[:len(self.ids)]
 
     def index(self, rows: Iterable[dict[str, str]], out_dir: Path) -> None:
         """Learn the photos already kept (their files are on disk)."""
@@ -260,30 +266,35 @@ class _Dedup:
                 h = dhash((out_dir / row["path"]).read_bytes())
             except (OSError, ValueError, UnidentifiedImageError):
                 continue
-            self.ids.append(row["photo_id"])
-            self.hashes.append(h)
+            self._append(row["photo_id"], h)
+
+    def _append(self, pid: str, h: int) -> None:
+        n = len(self.ids)
+        if n == len(self._hashes):  # grown by doubling: no copy of every hash for every photo
+            self._hashes = np.concatenate([self._hashes, np.empty_like(self._hashes)])
+        self._hashes[n] = h
+        self.ids.append(pid)
 
     def match(self, sha: str, h: int) -> tuple[str, str] | None:
         """``("duplicate", id)`` or ``("near-duplicate", id)`` of a kept photo, else None."""
         other = self.sha_owner.get(sha)
         if other is not None:
             return "duplicate", other
-        if not self.hashes:
+        if not self.ids:
             return None
-        arr = np.fromiter(self.hashes, dtype=np.uint64, count=len(self.hashes))
-        dist = np.bitwise_count(arr ^ np.uint64(h))
+        dist = np.bitwise_count(self.hashes ^ np.uint64(h))
         i = int(np.argmin(dist))
         return ("near-duplicate", self.ids[i]) if dist[i] <= self.bits else None
 
     def add(self, pid: str, sha: str, h: int) -> None:
         self.sha_owner[sha] = pid
-        self.ids.append(pid)
-        self.hashes.append(h)
+        self._append(pid, h)
 
     def remove(self, pid: str, sha: str) -> None:
         if pid in self.ids:
-            i = self.ids.index(pid)
-            del self.ids[i], self.hashes[i]
+            i, n = self.ids.index(pid), len(self.ids)
+            self._hashes[i:n - 1] = self._hashes[i + 1:n]
+            del self.ids[i]
         if self.sha_owner.get(sha) == pid:
             del self.sha_owner[sha]
 
@@ -623,24 +634,41 @@ class _Run:
             return
         self.candidates.pop(pid, None)
         row = self.journal.rows.get(pid)
+        self._drop(pid, "|".join(sorted(cities)), "ambiguous: " + ", ".join(sorted(cities)))
         if row is not None:  # kept earlier: its file goes too
+            # Only once the manifest no longer lists it: a run killed in between leaves an
+            # unlisted file (deleted at the end of the next run), never a row without its file.
+            self.journal.flush()
             (self.out_dir / row["path"]).unlink(missing_ok=True)
             self.dedup.remove(pid, row["sha256"])
-        self._drop(pid, "|".join(sorted(cities)), "ambiguous: " + ", ".join(sorted(cities)))
 
     # -- download ------------------------------------------------------------
 
     def _download(self, pool: ThreadPoolExecutor, batch: list[_Candidate]) -> None:
-        futures = [pool.submit(self.fetcher.fetch, c) for c in batch]
+        """Fetch ``batch`` on the pool and settle the results in order.
+
+        Only a few fetches per worker run ahead of the one being settled: a fetched image
+        waits in memory until settled, so submitting a whole batch (thousands) at once
+        made memory grow with the batch.
+        """
+        ahead = max(64, 16 * self.workers)
+        pending: deque[Future[_Fetched]] = deque()
+        todo = iter(batch)
         try:
-            for fut in futures:
+            while True:
+                for cand in itertools.islice(todo, ahead - len(pending)):
+                    pending.append(pool.submit(self.fetcher.fetch, cand))
+                if not pending:
+                    break
+                fut = pending[0]
                 self._settle(fut.result())
-                if self.journal.dirty >= FLUSH_EVERY:
+                pending.popleft()
+                if self.journal.dirty >= max(FLUSH_EVERY, FLUSH_SHARE * len(self.journal.rows)):
                     self.journal.flush()
         finally:
-            for fut in futures:
+            for fut in pending:
                 fut.cancel()
-            for fut in futures:  # leave no orphaned temporary file behind
+            for fut in pending:  # leave no orphaned temporary file behind
                 if not fut.cancelled():
                     try:
                         res = fut.result()

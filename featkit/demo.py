@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Callable
 
 from featkit import api
+from featkit.backbones import RANDOM_SOURCE, check_vgg16_size
 from featkit.cities import load_cities
+from featkit.devices import resolve_device
+from featkit.errors import FeatkitError
 from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, EXTRACT
 from featkit.photogen import write_photos
+from featkit.validate import check_int, check_seed, ensure_writable_dir
 
 DEMO_MAX_ITER = 60  # the MLP's epochs: generated photos are easy, and the demo should take minutes
+DEMO_MIN_PER_CITY = 3  # one photo each for train, val and test
 
 
 def run_demo(
@@ -32,9 +37,17 @@ def run_demo(
     progress: bool = EXTRACT.progress,
     log: Callable[[str], None] = print,
 ) -> tuple[dict, dict[str, Path]]:
-    """Write generated photos of ``cities``, extract, fit all heads, compare; returns ``(results, paths)``."""
+    """Write generated photos of ``cities``, extract, fit all heads, compare; returns ``(results, paths)``.
+    Every argument is checked before the first photo is written."""
     city_list = load_cities(cities)
-    cache_dir = Path(cache_dir)
+    check_int("per_city", per_city, low=DEMO_MIN_PER_CITY, why=" (one photo each for train, val and test)")
+    check_vgg16_size(image_size)
+    resolve_device(device)
+    check_seed(seed)
+    if weights not in (None, RANDOM_SOURCE) and not Path(weights).is_file():
+        raise FeatkitError(f"weights file {weights} does not exist; give a state_dict file for vgg16().features or vgg16(), or `weights` random", param="weights")
+    cache_dir = Path(ensure_writable_dir(cache_dir, "cache_dir"))
+    ensure_writable_dir(reports_dir, "reports_dir")
     photos = write_photos(cache_dir / "photos", [c.name for c in city_list], per_city, seed=seed)
     log(f"demo: {per_city} generated photos per city of {', '.join(c.name for c in city_list)} in {photos}")
     s = api.extract(photos, cache_dir, weights=weights, image_size=image_size, device=device, seed=seed, progress=progress)

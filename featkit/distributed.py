@@ -53,7 +53,7 @@ from featkit.errors import FeatkitError
 from featkit.extraction import ExtractSummary, default_workers, extraction_provenance, feature_batches, plan, progress_bar, write_batches
 from featkit.manifest import Photo
 from featkit.options import ExtractOptions
-from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, check_identity, shard_files, shard_path
+from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, check_identity, lock_file, shard_files, shard_path
 
 # Long, because the other ranks wait while rank 0 copies a killed run's shards
 # into the cache; a rank that dies is noticed by torchrun, not by this timeout.
@@ -89,7 +89,8 @@ def join_shards(store: FeatureStore, shards: list[Path], *, block_rows: int = 20
     own, and a shard file is deleted only after all its rows are committed,
     so a join killed half-way is finished by the next one.
     """
-    done = store.done_ids()
+    # Skip rows stored already; not failures recorded already: a photo retried (--retry-failed) may work now.
+    done = set(store.column("photo_id").tolist())
     dtype = np.dtype(store.identity["dtype"])
     copied = 0
     for path in shards:
@@ -120,6 +121,7 @@ def join_shards(store: FeatureStore, shards: list[Path], *, block_rows: int = 20
             if failed:
                 store.append({}, np.empty((0, 0), dtype=dtype), failed)
         path.unlink()
+        lock_file(path).unlink(missing_ok=True)  # a shard has one writer, its rank, long gone: no one waits on this lock
     return copied
 
 
@@ -215,7 +217,7 @@ class _RankRun:
                         p.unlink()
                 self.store = FeatureStore.open_for_append(self.cache_path, self.identity, overwrite=self.options.overwrite, provenance=self.prov)
                 join_shards(self.store, shard_files(self.cache_path))
-                splits, todo = plan(self.store, self.photos, self.options)
+                splits, todo = plan(self.store, self.photos, self.options, summary=self.summary)
                 ready = (splits, {p.photo_id for p in todo}, _digest(self.photos), None)
             except FeatkitError as e:
                 ready = (None, None, None, str(e))
@@ -229,7 +231,7 @@ class _RankRun:
                 "photo source under the same path (a shared filesystem, or identical copies)"
             )
         todo = sorted((p for p in self.photos if p.photo_id in todo_ids), key=lambda p: p.photo_id)
-        self.summary.n_already = len(self.photos) - len(todo)
+        self.summary.n_already = len(self.photos) - len(todo) - self.summary.n_skipped  # rank 0: less those plan found unreadable
         return splits, (todo[self.rank :: self.world] if error is None else []), error
 
     def _extract_own_shard(self, splits, mine, error):

@@ -20,3 +20,8 @@ class FeatkitError(Exception):
 class UntrustedHeadWarning(UserWarning):
     """A ``*.joblib`` under a heads folder that is not in its manifest (planted, copied, stale or edited):
     ignored, never unpickled. The CLI prints it as one ``warning:`` line."""
+
+
+class PhotoSourceWarning(UserWarning):
+    """Entries of a photo folder that are not read as photos (a hidden or empty city folder, an image outside
+    any city folder, a folder link loop): left out, and said so. The CLI prints it as one ``warning:`` line."""

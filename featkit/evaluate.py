@@ -18,7 +18,7 @@ from featkit.leaks import HASH_CACHE, SplitPhoto, split_leaks
 from featkit.metrics import evaluate_predictions, geographic_error, rank_heads
 from featkit.provenance import provenance
 from featkit.splits import split_counts
-from featkit.store import DEFAULT_KEY, FeatureStore, backbone_keys, cache_file, check_identity, heads_dir
+from featkit.store import DEFAULT_KEY, FeatureStore, backbone_keys, cache_file, check_identity, heads_dir, resolve_backbones
 
 
 def fitted_head_files(cache_dir: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
@@ -45,6 +45,7 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
     ``leaks``: check the split for owners and near-duplicate photos shared by test and train.
     """
     cache_dir = Path(cache_dir)
+    resolve_backbones(cache_dir)  # no feature file at all: say so (and how to make one) before looking for heads
     fitted, ignored = fitted_head_files(cache_dir)
     if not fitted:
         keys = backbone_keys(cache_dir)
@@ -55,6 +56,7 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
     reference = None  # the first backbone's test photos, in its row order: every head is judged on these
     for key, paths in fitted.items():
         with FeatureStore.open(cache_file(cache_dir, key)) as store:
+            store.check_intact()  # a damaged cache is refused, never turned into wrong numbers
             Xte, yte, ids = store.load_split("test")
             found = {
                 "cities": store.cities(), "identity": store.identity, "cache_id": store.cache_id, "split_id": store.split_id,

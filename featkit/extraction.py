@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -41,12 +43,12 @@ from PIL import Image
 from featkit.backbones import BackboneSpec, FeatureNet, source_of_spec
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-from featkit.images import UnreadableImage, load_image, memory_image_tensor, size_wh
-from featkit.manifest import Photo
+from featkit.images import UnreadableImage, check_image_file, check_pixels, load_image, memory_image_tensor, size_wh
+from featkit.manifest import Photo, path_text
 from featkit.options import DECODES, EXTRACT, ExtractOptions
 from featkit.provenance import provenance
 from featkit.splits import assign_splits, split_counts
-from featkit.store import FAILED_CSV, FeatureStore, cache_identity, shared_splits
+from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, shared_splits
 
 
 class _PhotoDataset(torch.utils.data.Dataset):
@@ -95,6 +97,7 @@ def _nvjpeg_can_take(data: bytes) -> bool:
         return False
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the headers only
+            check_pixels(im.size)  # over the limit: the CPU path refuses it, with the reason
             return (
                 im.format == "JPEG" and im.mode == "RGB" and not im.info.get("progressive")
                 and not im.info.get("progression") and im.getexif().get(0x0112, 1) == 1
@@ -417,6 +420,7 @@ class ExtractSummary:
     seconds: float = 0.0
     split_counts: dict = field(default_factory=dict)
     interrupted: bool = False
+    n_repaired: int = 0  # damaged rows dropped by --repair before this run (and extracted again by it)
     cache_path: str = ""
     failed_csv: str = ""
     rank: int = 0  # under torchrun: this process's rank, the number of processes,
@@ -434,13 +438,14 @@ class ExtractSummary:
         if self.n_skipped or self.n_total_failed:
             s += f" (see {self.failed_csv})"
         s += f"; {self.n_already} already cached; cache holds {self.n_total_rows} photos ({rate:.1f} images/s)"
+        if self.n_repaired:
+            s += f"; {self.n_repaired} damaged rows were dropped and extracted again"
         return s
 
     def finish(self, store: FeatureStore) -> None:
         """Take the cache's totals after a run, and write ``failed.csv`` beside it."""
-        self.n_total_rows, self.n_total_failed = store.n_rows, store.n_failed
+        self.n_total_rows, self.n_total_failed = store.n_rows, store.write_failed_csv(self.failed_csv)
         self.split_counts = split_counts(list(store.column("city")), list(store.column("split")))
-        store.write_failed_csv(self.failed_csv)
 
 
 _DONE = object()
@@ -516,14 +521,18 @@ def write_batches(
     """
 
     def write_one(b: FeatureBatch) -> None:
+        finite = np.isfinite(b.features).all(axis=1) if len(b.photos) else np.zeros(0, dtype=bool)
+        if not finite.all():  # a NaN or inf in the cache would be read as damage: record the photo instead
+            bad = [(p, "the backbone gave non-finite features (NaN or inf; float16 overflow?)") for p, ok in zip(b.photos, finite) if not ok]
+            b = FeatureBatch([p for p, ok in zip(b.photos, finite) if ok], b.features[finite], b.failed + bad)
         rows = {
             "photo_id": [p.photo_id for p in b.photos],
             "city": [p.city for p in b.photos],
             "split": [splits[p.photo_id] for p in b.photos],
-            "path": [str(p.path) for p in b.photos],
+            "path": [path_text(p.path) for p in b.photos],
             "owner": [p.owner for p in b.photos],
         }
-        store.append(rows, b.features, [(p.photo_id, str(p.path), reason) for p, reason in b.failed])
+        store.append(rows, b.features, [(p.photo_id, path_text(p.path), reason) for p, reason in b.failed])
         summary.n_extracted += len(b.photos)
         summary.n_skipped += len(b.failed)
         if progress is not None:
@@ -600,20 +609,97 @@ def shared_split(cache_path: str | Path, options: ExtractOptions) -> dict[str, s
     return shared
 
 
-def plan(store: FeatureStore, photos: list[Photo], options: ExtractOptions) -> tuple[dict[str, str], list[Photo]]:
-    """Splits for every photo and the photos not yet handled.
+def plan(
+    store: FeatureStore, photos: list[Photo], options: ExtractOptions, *, summary: ExtractSummary | None = None
+) -> tuple[dict[str, str], list[Photo]]:
+    """Splits for the photos that can be read, and the photos to extract now.
 
-    Photos already cached keep their split; so do photos another backbone of the same cache folder
-    holds (:func:`featkit.store.shared_splits`), so every backbone is tested on the same photos.
+    Photos already handled are left alone: those stored, and those recorded as failed unless
+    ``options.retry_failed``. Every other photo is first looked at cheaply (:func:`check_photos`: the file,
+    its header, its pixel count, and whether it is the same file as another photo); those that fail are
+    recorded in ``store`` now, with their reason, and counted in ``summary.n_skipped``. Only then are the
+    splits assigned, over the photos stored or to extract, so an unreadable photo never takes a place in a
+    test or val quota. Photos already cached keep their split; so do photos another backbone of the same
+    cache folder holds (:func:`featkit.store.shared_splits`), so every backbone is tested on the same photos.
     """
     check_split_protocol(store, options)
     shared = shared_split(store.path, options)
-    existing = {**shared, **dict(zip(store.column("photo_id"), store.column("split")))}
-    done = store.done_ids()
-    splits = assign_splits(photos, seed=options.seed, test_size=options.test_size, val_size=options.val_size, fixed=existing)
+    stored_ids = store.column("photo_id")
+    existing = {**shared, **dict(zip(stored_ids, store.column("split")))}
+    stored = set(stored_ids.tolist())
+    done = store.done_ids(retry_failed=options.retry_failed)
+    pending = [p for p in photos if p.photo_id not in done]
+    bad = check_photos(pending, known=[p for p in photos if p.photo_id in stored])
+    if bad:
+        no_rows = {name: [] for name in ROW_FIELDS}
+        store.append(no_rows, np.empty((0, store.n_features), dtype=np.float32), [(p.photo_id, path_text(p.path), why) for p, why in bad])
+    bad_ids = {p.photo_id for p, _ in bad}
+    todo = [p for p in pending if p.photo_id not in bad_ids]
+    if summary is not None:
+        summary.n_already, summary.n_skipped = len(photos) - len(pending), summary.n_skipped + len(bad)
+    readable = [p for p in photos if p.photo_id in stored] + todo
+    readable_ids = {p.photo_id for p in readable}
+    unreadable = Counter(p.city for p in photos if p.photo_id not in readable_ids)
+    failed_csv = store.path.with_name(FAILED_CSV)
+    try:
+        splits = assign_splits(
+            readable, seed=options.seed, test_size=options.test_size, val_size=options.val_size, fixed=existing,
+            unreadable=unreadable, failed_csv=str(failed_csv),
+        )
+    except FeatkitError:
+        store.write_failed_csv(failed_csv)  # the message points there
+        raise
     if store.n_rows == 0:  # a new cache records its protocol (an old cache's is unknown: left unset)
         store.record_split_protocol(split_protocol(options))
-    return splits, [p for p in photos if p.photo_id not in done]
+    return splits, todo
+
+
+CHECK_THREADS = 8  # header checks at once: file system latency overlaps (a network share, a cold disk)
+
+
+def check_photos(photos: list[Photo], *, known: list[Photo] = ()) -> list[tuple[Photo, str]]:
+    """The photos among ``photos`` that cannot be extracted, with why, found without decoding any pixels.
+
+    Each file is looked at (:func:`~featkit.images.check_image_file`: it exists, is a regular non-empty
+    file, not a dangling link or a link loop, its header parses and claims at most
+    :data:`~featkit.images.MAX_PIXELS` pixels), and it must not be the same file (device and inode: a link,
+    a hard link, a city folder linked to another) as a photo before it: one of ``known`` (photos already
+    stored), else an earlier one of ``photos`` ("same file as Paris/1.jpg (city Paris)"), so no file is
+    stored twice, under one label or two. About 0.1 ms a photo; threads overlap the file system's latency.
+    """
+    def look(p: Photo) -> tuple[str | None, tuple[int, int] | None]:
+        try:
+            check_image_file(p.path)
+            st = os.stat(p.path)
+        except UnreadableImage as e:
+            return str(e), None
+        except OSError:  # gone since the check: the extraction records why
+            return None, None
+        return None, (st.st_dev, st.st_ino)
+
+    with warnings.catch_warnings():  # in this thread, before the pool starts: the check refuses those photos itself
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if len(photos) > 64:
+            with ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="featkit-check") as pool:
+                looks = list(pool.map(look, photos))
+        else:
+            looks = [look(p) for p in photos]
+    first: dict[tuple[int, int], Photo] = {}
+    for p in known:
+        try:
+            st = os.stat(p.path)
+        except OSError:
+            continue
+        first.setdefault((st.st_dev, st.st_ino), p)
+    bad = []
+    for p, (why, key) in zip(photos, looks):
+        if why is None and key is not None:
+            other = first.setdefault(key, p)
+            if other is not p:
+                why = f"same file as {other.photo_id} (city {other.city})"
+        if why is not None:
+            bad.append((p, why))
+    return bad
 
 
 def extraction_provenance(
@@ -665,8 +751,7 @@ def extract_features(
     t0 = time.perf_counter()
     prov = extraction_provenance(dev, spec, options, weights_source=weights_source)  # a bad `decode` fails here, before the cache is touched
     with FeatureStore.open_for_append(cache_path, cache_identity(spec, options.dtype), overwrite=options.overwrite, provenance=prov) as store:
-        splits, todo = plan(store, photos, options)
-        summary.n_already = len(photos) - len(todo)
+        splits, todo = plan(store, photos, options, summary=summary)
         bar = progress_bar(len(todo), options.progress)
         try:
             batches = feature_batches(

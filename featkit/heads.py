@@ -36,6 +36,7 @@ its range). This module imports neither h5py nor torchvision.
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 
@@ -597,9 +598,18 @@ def save_head(path, head: BaseEstimator, record: dict) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         joblib.dump({"head": head, "record": record}, tmp)
-    heads = _read_manifest(path.parent)
-    heads[path.name] = {"sha256": _sha256(path), "head": record.get("head", path.stem), "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write(path.parent / HEADS_MANIFEST, json.dumps({"heads": heads}, indent=1, sort_keys=True) + "\n")
+    import fcntl
+
+    # Two fits saving into one folder at once: each reads, edits and replaces the manifest under this lock,
+    # so neither loses the other's entry. Blocking: a save holds it for milliseconds.
+    fd = os.open(path.parent / ".manifest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        heads = _read_manifest(path.parent)
+        heads[path.name] = {"sha256": _sha256(path), "head": record.get("head", path.stem), "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write(path.parent / HEADS_MANIFEST, json.dumps({"heads": heads}, indent=1, sort_keys=True) + "\n")
+    finally:
+        os.close(fd)
 
 
 def trusted_heads(folder) -> tuple[list, list]:

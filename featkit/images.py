@@ -3,7 +3,11 @@ plus the checks and the perceptual hash the downloader uses. PIL and numpy only 
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import re
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,11 +15,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from featkit.manifest import path_text
+
 if TYPE_CHECKING:
     import torch
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure to record, not grey pixels
-Image.MAX_IMAGE_PIXELS = 200_000_000  # guard against decompression bombs without refusing big photos
+# Guard against decompression bombs without refusing big photos. Pillow only *warns* between this and twice
+# it, so featkit enforces it itself, from the header, before anything is decoded (see open_image).
+MAX_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 # Modes Pillow converts to RGB faithfully; anything else is an "unsupported mode" failure.
 _CONVERTIBLE = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -58,16 +67,73 @@ def load_image(path: str | Path, size: int | tuple[int, int], interpolation: str
 
     ``interpolation`` is the resampling filter (the backbone's: ``spec.interpolation``).
     Grayscale, palette, CMYK and 16-bit images are converted; transparent
-    ones are composited onto white. Raises :class:`UnreadableImage`.
+    ones are composited onto white. Raises :class:`UnreadableImage` (for the
+    reasons of :func:`open_image`, or a decoding error).
     """
     _resample(interpolation)  # a bad name is the caller's bug (ValueError), not an unreadable photo
-    path = Path(path)
     with _unreadable_on_error():
-        if path.stat().st_size == 0:
-            raise UnreadableImage("empty file (0 bytes)")
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             return image_tensor(im, size, interpolation)
+
+
+def check_image_file(path: str | Path) -> tuple[int, int]:
+    """The (width, height) of an image file, from its header only (nothing is decoded): the cheap check
+    extraction runs on every photo before it assigns splits. Raises :class:`UnreadableImage` for the
+    reasons of :func:`open_image`. Safe to call from several threads."""
+    with _unreadable_on_error():
+        with open_image(path) as im:
+            return im.size
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """``Image.open`` (headers only) of a regular, non-empty file whose pixel count is within
+    :data:`MAX_PIXELS`; the caller closes it. Raises :class:`UnreadableImage` with the reason: file not found,
+    dangling link, symlink loop, not a regular file, empty file, too many pixels (Pillow's
+    ``DecompressionBombError`` and ``DecompressionBombWarning`` included); other Pillow errors pass through
+    (:func:`load_image` and :func:`check_image_file` turn them into reasons)."""
+    try:
+        st = os.stat(path)  # follows links
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UnreadableImage(f"dangling link (to {path_text(os.readlink(path))})") from None
+        raise UnreadableImage("file not found") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnreadableImage("symlink loop") from None
+        raise UnreadableImage(f"cannot read: {e.strerror or type(e).__name__}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UnreadableImage("not a regular file" + (" (a folder)" if stat.S_ISDIR(st.st_mode) else ""))
+    if st.st_size == 0:
+        raise UnreadableImage("empty file (0 bytes)")
+    return _open_within_limit(path)
+
+
+def _open_within_limit(fp) -> Image.Image:
+    """``Image.open(fp)``, refused (:class:`UnreadableImage`) when the header claims more than :data:`MAX_PIXELS`."""
+    try:
+        im = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning when a filter makes it an error
+        raise UnreadableImage(_too_many_pixels(e)) from None
+    try:
+        check_pixels(im.size)
+    except UnreadableImage:
+        im.close()
+        raise
+    return im
+
+
+def check_pixels(size: tuple[int, int]) -> None:
+    """Refuse (:class:`UnreadableImage`) a (width, height) of more than :data:`MAX_PIXELS` pixels."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise UnreadableImage(f"too many pixels: {w} x {h} > {MAX_PIXELS:,}")
+
+
+def _too_many_pixels(e: Exception) -> str:
+    """The reason for Pillow's own refusal, which gives the pixel count but not the size."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    return f"too many pixels: {int(m.group(1)):,} > {MAX_PIXELS:,}" if m else f"too many pixels ({e})"
 
 
 def memory_image_tensor(image: Image.Image | np.ndarray, size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
@@ -76,8 +142,9 @@ def memory_image_tensor(image: Image.Image | np.ndarray, size: int | tuple[int, 
     _resample(interpolation)
     with _unreadable_on_error():
         if isinstance(image, np.ndarray):
+            check_pixels((image.shape[1], image.shape[0]) if image.ndim >= 2 else (image.size, 1))
             image = _array_image(image)
-        return image_tensor(image, size, interpolation)
+        return image_tensor(image, size, interpolation)  # checks a PIL image's size before it decodes anything
 
 
 def image_tensor(im: Image.Image, size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
@@ -88,10 +155,12 @@ def image_tensor(im: Image.Image, size: int | tuple[int, int], interpolation: st
     The one place pixels are prepared for the backbone, so a photo read from a
     file (:func:`load_image`) and one handed over in memory
     (:func:`memory_image_tensor`) give the backbone the same numbers.
-    Raises :class:`UnreadableImage` for a mode it cannot convert; Pillow's own
+    Raises :class:`UnreadableImage` for a mode it cannot convert or more than
+    :data:`MAX_PIXELS` pixels (checked first: a lazily opened image is not decoded yet); Pillow's own
     errors pass through (the callers turn them into reasons).
     """
     resample = _resample(interpolation)
+    check_pixels(im.size)
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in _ALPHA:
@@ -134,15 +203,23 @@ def _unreadable_on_error():
         raise UnreadableImage("file not found") from None
     except UnidentifiedImageError:
         raise UnreadableImage("not an image Pillow can identify") from None
-    except Image.DecompressionBombError as e:
-        raise UnreadableImage(f"too large ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UnreadableImage(_too_many_pixels(e)) from None
+    except PermissionError as e:
+        raise UnreadableImage(f"cannot read: {e.strerror}") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated data, bad headers, broken files
         raise UnreadableImage(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def dhash(data: bytes | Image.Image, bits: int = 8) -> int:
-    """64-bit difference hash: signs of horizontal gradients of a 9x8 grayscale thumbnail."""
-    img = Image.open(io.BytesIO(data)) if isinstance(data, bytes) else data
+    """64-bit difference hash: signs of horizontal gradients of a 9x8 grayscale thumbnail.
+
+    Raises ValueError (among Pillow's errors) for more than :data:`MAX_PIXELS` pixels, before decoding."""
+    try:
+        img = _open_within_limit(io.BytesIO(data)) if isinstance(data, bytes) else data
+        check_pixels(img.size)
+    except UnreadableImage as e:
+        raise ValueError(str(e)) from None
     if img.format == "JPEG":
         img.draft("L", ((bits + 1) * 4, bits * 4))
     small = np.asarray(img.convert("L").resize((bits + 1, bits), Image.BILINEAR), dtype=np.int16)
@@ -153,10 +230,11 @@ def dhash(data: bytes | Image.Image, bits: int = 8) -> int:
 
 
 def decoded_size(data: bytes) -> tuple[int, int]:
-    """Fully decode the image; return (width, height) or raise ValueError."""
+    """Fully decode the image; return (width, height) or raise ValueError (more than :data:`MAX_PIXELS`
+    pixels included, refused before decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_within_limit(io.BytesIO(data)) as img:
             img.load()
             return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, UnreadableImage) as e:
         raise ValueError(str(e)) from None

@@ -12,12 +12,14 @@ the downloader writes them with :func:`write_manifest`.
 from __future__ import annotations
 
 import csv
+import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from featkit.atomic import atomic_path
-from featkit.errors import FeatkitError
+from featkit.errors import FeatkitError, PhotoSourceWarning
 
 # What ``featkit download`` writes (paths relative to the manifest's folder), and the
 # list of photos it rejected for good.
@@ -72,12 +74,108 @@ def scan_photos(source: str | Path) -> list[Photo]:
 
 
 def _scan_folder(root: Path) -> list[Photo]:
-    photos = []
-    for city_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(city_dir.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith("."):
-                photos.append(Photo(photo_id=path.relative_to(root).as_posix(), city=city_dir.name, path=path))
+    """The photos of a folder-per-city tree: each visible sub-folder of ``root`` is a city, its photos are
+    :func:`walk_images`'s. What is left out at the city level (hidden folders, images outside any city
+    folder, a link to nothing, a folder without images, a folder that cannot be walked) is announced in one
+    :class:`~featkit.errors.PhotoSourceWarning`, never dropped without a word."""
+    photos, skipped = [], []
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise FeatkitError(f"cannot list folder {path_text(root)} ({e.strerror or type(e).__name__})") from None
+    for entry in entries:
+        name = path_text(entry.name)
+        if not _is_dir(entry):
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                skipped.append(f"{name} (a link to nothing)")
+            elif not is_hidden(entry.name) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                skipped.append(f"{name} (an image outside any city folder)")
+            continue
+        if is_hidden(entry.name):
+            skipped.append(f"{name}/ (hidden: its name starts with '.')")
+            continue
+        files, left_out = walk_images(root / entry.name)
+        skipped += [f"{path_text(p.relative_to(root).as_posix())}/ ({why})" for p, why in left_out]
+        if not files:
+            skipped.append(f"{name}/ (no image files)")
+        for path in files:
+            photos.append(Photo(photo_id=path_text(path.relative_to(root).as_posix()), city=name, path=path))
+    if skipped:
+        shown = "; ".join(skipped[:8]) + (f"; and {len(skipped) - 8} more" if len(skipped) > 8 else "")
+        warnings.warn(f"skipped in {path_text(root)}: {shown}", PhotoSourceWarning, stacklevel=3)
     return photos
+
+
+def is_hidden(name: str) -> bool:
+    """The one rule for hidden entries: a name that starts with "." (``.DS_Store``, ``.git``, ``..odd``)."""
+    return name.startswith(".")
+
+
+def walk_images(folder: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files under ``folder``, recursively, sorted; and the sub-folders left out, with why.
+
+    The one rule for which files of a folder of photos are photos (extract's city folders, predict's
+    folders): any file or folder below ``folder`` whose name is hidden (:func:`is_hidden`) is left out; a
+    file is an image by its suffix (:data:`IMAGE_SUFFIXES`, any case), and whether it reads is checked
+    where the photo is used (a failure recorded with its reason). Links are followed: a linked file is
+    listed under its link's name (a dangling or looping one too, so reading it records why); a linked
+    folder is walked, unless it is a folder this walk has already been through (a link loop, or a second
+    link to it), which is left out and reported rather than walked forever.
+    """
+    folder = Path(folder)
+    files: list[Path] = []
+    left_out: list[tuple[Path, str]] = []
+    try:
+        st = folder.stat()
+        seen = {(st.st_dev, st.st_ino)}
+    except OSError:
+        seen = set()
+    stack = [folder]
+    while stack:
+        here = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            left_out.append((here, f"cannot be listed: {e.strerror or type(e).__name__}"))
+            continue
+        subfolders = []
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            path = here / entry.name
+            if not _is_dir(entry):
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(path)
+                continue
+            try:
+                st = entry.stat()  # follows a link to the folder it names
+            except OSError as e:
+                left_out.append((path, f"cannot be read: {e.strerror or type(e).__name__}"))
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                left_out.append((path, "a link to a folder already walked (a loop?)"))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            subfolders.append(path)
+        stack.extend(reversed(subfolders))
+    return sorted(files), left_out
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:  # a link loop, no permission: not a folder to walk
+        return False
+
+
+def path_text(path: str | bytes | os.PathLike) -> str:
+    """A path as valid UTF-8 text, bytes that are not UTF-8 written as ``\\xNN`` (``b"\\xff.jpg"`` ->
+    ``"\\xff.jpg"``): what a photo id, a cache and a message hold. A Linux file name may be any bytes; Python
+    reads those as lone surrogates, which HDF5's UTF-8 strings (and a terminal) refuse. The path itself,
+    kept in :class:`Photo`, still opens the file."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _read_manifest(csv_path: Path) -> list[Photo]:
@@ -106,7 +204,7 @@ def read_manifest(csv_path: str | Path, required: Sequence[str] = REQUIRED_COLUM
     """
     csv_path = Path(csv_path)
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a file Excel saved with a BOM reads too
             reader = csv.DictReader(f)
             columns = list(reader.fieldnames or [])
             missing = [c for c in required if c not in columns]

@@ -8,18 +8,13 @@ imports nothing heavy, so ``featkit --help`` stays fast.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 from featkit.errors import FeatkitError
+from featkit.validate import MAX_DOWNLOAD_WORKERS, MAX_INTERVAL_S, MAX_JPEG_SIDE, check_choice, check_float, check_int, check_mlp_params, check_seed, check_split_size, check_workers
 
 DTYPES = ("float16", "float32")  # how features are stored in the cache
 DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded: gpu is nvJPEG on the backbone's CUDA device; auto is cpu for now
-
-
-def _check_size(name: str, value: float) -> None:
-    if not math.isfinite(value) or value < 0:
-        raise FeatkitError(f"`{name}` must be a count (e.g. 500) or a fraction below 1; got {value}", param=name)
 
 
 @dataclass(frozen=True)
@@ -49,20 +44,18 @@ class ExtractOptions:
     test_size: float = 0.125
     val_size: float = 0.1
     overwrite: bool = False
+    retry_failed: bool = False  # read again the photos recorded as failed (not stored), e.g. after fixing their files
+    repair: bool = False  # first drop the cached rows that fail their checks (featkit verify), then extract them again
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise FeatkitError(f"unknown `dtype` {self.dtype!r}; choose one of: {', '.join(DTYPES)}", param="dtype")
-        if self.decode not in DECODES:
-            raise FeatkitError(f"unknown `decode` {self.decode!r}; choose one of: {', '.join(DECODES)}", param="decode")
-        if self.batch_size < 1:
-            raise FeatkitError(f"`batch_size` must be at least 1; got {self.batch_size}", param="batch_size")
-        if self.workers is not None and self.workers < 0:
-            raise FeatkitError(f"`workers` must be 0 (decode in the main process) or more; got {self.workers}", param="workers")
-        _check_size("test_size", self.test_size)
-        _check_size("val_size", self.val_size)
-
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("decode", self.decode, DECODES)
+        check_int("batch_size", self.batch_size, low=1)
+        check_workers(self.workers)
+        check_seed(self.seed)
+        check_split_size("test_size", self.test_size)
+        check_split_size("val_size", self.val_size)
 
 
 @dataclass(frozen=True)
@@ -77,6 +70,9 @@ class MLPOptions:
     max_iter: int = 100
     n_iter_no_change: int = 7
 
+    def __post_init__(self) -> None:
+        check_mlp_params({f.name: getattr(self, f.name) for f in fields(self)})
+
 
 @dataclass(frozen=True)
 class PredictOptions:
@@ -89,6 +85,12 @@ class PredictOptions:
     top: int = 3
     batch_size: int = 32
     workers: int | None = None  # image-decoding worker processes; None: none for a few photos, else cores - 1
+
+    def __post_init__(self) -> None:
+        check_int("top", self.top, low=1)
+        check_int("batch_size", self.batch_size, low=1)
+        check_workers(self.workers)
+        check_seed(self.seed, optional=True)
 
 
 ENDPOINT_ENV = "FEATKIT_FLICKR_ENDPOINT"  # where `featkit download` finds a non-default Flickr endpoint
@@ -105,6 +107,19 @@ class DownloadOptions:
     min_size: int = 0
     min_interval_s: float = 1.0  # Flickr allows 3,600 API calls an hour
     workers: int = 4
+
+    def __post_init__(self) -> None:
+        check_int("per_city", self.per_city, low=1)
+        check_int("min_size", self.min_size, low=0, high=MAX_JPEG_SIDE, why=" pixels (a JPEG's largest side)")
+        check_float("min_interval_s", self.min_interval_s, low=0, high=MAX_INTERVAL_S, why=" seconds")
+        check_int("workers", self.workers, low=1, high=MAX_DOWNLOAD_WORKERS, why=" concurrent downloads")
+        template = self.query_template
+        try:
+            ok = isinstance(template, str) and "{city}" in template and bool(template.format(city="x").strip())
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise FeatkitError(f"`query_template` {template!r} must contain {{city}} and nothing else in braces, e.g. '{{city}} streets'", param="query_template")
 
 
 def defaults(cls) -> dict:

@@ -35,9 +35,10 @@ from featkit.errors import FeatkitError
 from featkit.extraction import default_workers, feature_batches
 from featkit.evaluate import fitted_head_files
 from featkit.heads import load_head
-from featkit.manifest import IMAGE_SUFFIXES, Photo
+from featkit.manifest import IMAGE_SUFFIXES, Photo, path_text, walk_images
 from featkit.options import EXTRACT, PREDICT
 from featkit.store import FeatureStore, cache_file, cache_identity, check_identity, heads_dir
+from featkit.validate import check_int, check_seed, check_workers, require_cache
 
 CSV_COLUMNS = ("source", "rank", "city", "probability", "error")
 
@@ -84,10 +85,8 @@ def check_top(top: int) -> None:
 
 
 def _check_batching(batch_size: int, workers: int | None) -> None:
-    if batch_size < 1:
-        raise FeatkitError(f"`batch_size` must be at least 1; got {batch_size}", param="batch_size")
-    if workers is not None and workers < 0:
-        raise FeatkitError(f"`workers` must be 0 (decode in the main process) or more; got {workers}", param="workers")
+    check_int("batch_size", batch_size, low=1)
+    check_workers(workers)
 
 
 # -- which head ------------------------------------------------------------------------------
@@ -167,14 +166,12 @@ def resolve_weights(cache_dir: str | Path, weights: str | None, seed: int | None
 
 
 # -- what to predict -------------------------------------------------------------------------
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted), hidden files and folders left out."""
-    found = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).parts
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel) and path.is_file():
-            found.append(path)
-    return found
+def _image_files(folder: Path) -> list[_Input]:
+    """The photos of ``folder`` by extract's rule (:func:`~featkit.manifest.walk_images`: recursively, sorted,
+    hidden files and folders left out, links followed but never round a loop); a sub-folder that could not
+    be walked becomes an input with its error, so it is reported, not silently missing."""
+    files, left_out = walk_images(folder)
+    return [_Input(path_text(p), path=p) for p in files] + [_Input(path_text(p), error=f"folder left out: {why}") for p, why in left_out]
 
 
 def _expand(inputs) -> list[_Input]:
@@ -202,13 +199,13 @@ def _expand(inputs) -> list[_Input]:
 
 def _path_inputs(path: Path) -> list[_Input]:
     if path.is_dir():
-        files = _image_files(path)
-        if not files:
-            return [_Input(str(path), error=f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")]
-        return [_Input(str(p), path=p) for p in files]
+        inputs = _image_files(path)
+        if not any(i.path is not None for i in inputs):
+            return [_Input(path_text(path), error=f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")] + inputs
+        return inputs
     if not path.exists():
-        return [_Input(str(path), error="file not found")]
-    return [_Input(str(path), path=path)]
+        return [_Input(path_text(path), error="file not found")]
+    return [_Input(path_text(path), path=path)]
 
 
 # -- the predictor ---------------------------------------------------------------------------
@@ -235,7 +232,9 @@ class Predictor:
         workers: int | None = PREDICT.workers,
     ):
         _check_batching(batch_size, workers)
+        check_seed(seed, optional=True)
         self.cache_dir, self.batch_size, self.workers = Path(cache_dir), batch_size, workers
+        require_cache(cache_dir, heads=True)
         self.dev = resolve_device(device)  # a missing GPU fails before anything loads
         self.head_name, self.key, self.head_path, self.head, self.record = choose_head(cache_dir, head)
         identity = self.record.get("cache_identity")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 
 from featkit.errors import FeatkitError
 from featkit.manifest import Photo
@@ -32,6 +33,8 @@ def assign_splits(
     test_size: float = 0.125,
     val_size: float = 0.1,
     fixed: dict[str, str] | None = None,
+    unreadable: Mapping[str, int] | None = None,
+    failed_csv: str = "failed.csv",
 ) -> dict[str, str]:
     """Assign every photo to train / val / test, deterministically, stratified by city.
 
@@ -42,7 +45,9 @@ def assign_splits(
     order is the same on every machine), filling each city's test quota, then
     its val quota; the rest is train. ``fixed`` pins splits already recorded
     (photos already in a cache): their groups keep that split, so a cache that
-    grows never moves a photo or an owner across splits.
+    grows never moves a photo or an owner across splits. ``unreadable`` counts, per city, the
+    photos left out because they cannot be read (listed in ``failed_csv``): a city with too few
+    photos says so, since the fix is then to mend those photos, not to shrink the splits.
     """
     fixed = fixed or {}
     by_city = Counter(p.city for p in photos)
@@ -50,6 +55,13 @@ def assign_splits(
     for city, n in by_city.items():
         n_test, n_val = _target(test_size, n), _target(val_size, n)
         if n_test + n_val >= n:
+            lost = (unreadable or {}).get(city, 0)
+            if lost:
+                raise FeatkitError(
+                    f"city {city!r} has {n} readable photos ({lost} more cannot be read: see {failed_csv}); test size "
+                    f"{test_size:g} and val size {val_size:g} leave none for training; fix or replace the unreadable photos "
+                    "and rerun with --retry-failed, or use smaller sizes such as --test-size 0.2 --val-size 0.1"
+                )
             raise FeatkitError(
                 f"city {city!r} has {n} photos; test size {test_size:g} and val size {val_size:g} "
                 "leave none for training; use fractions such as --test-size 0.2 --val-size 0.1"

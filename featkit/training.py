@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-from featkit.heads import HEAD_NAMES, can_stream, make_head, save_head
+from featkit.heads import HEAD_NAMES, HEADS, can_stream, make_head, save_head
 from featkit.provenance import provenance
 from featkit.store import FeatureStore, cache_file, heads_dir, resolve_backbones
+from featkit.validate import check_choice, check_head_params, check_int, check_seed, ensure_writable_dir, require_cache
 
 STREAM_CHOICES = ("auto", "yes", "no")
 
@@ -23,10 +25,26 @@ def resolve_heads(head: str) -> list[str]:
     """``all`` or a comma list of names -> the list of head names; unknown names are refused with the choices."""
     if head == "all":
         return list(HEAD_NAMES)
-    names = [h.strip() for h in head.split(",") if h.strip()]
+    names = [h.strip() for h in head.split(",") if h.strip()] if isinstance(head, str) else []
     bad = [h for h in names if h not in HEAD_NAMES]
     if bad or not names:
-        raise FeatkitError(f"unknown head {', '.join(bad) or head!r}; choose one of: {', '.join(HEAD_NAMES)}, all")
+        raise FeatkitError(f"unknown head {', '.join(bad) or head!r}; choose one of: {', '.join(HEAD_NAMES)}, all", param="head")
+    return names
+
+
+def check_fit_args(cache_dir: str | Path, head: str, *, seed: int, device: str, params: dict | None, stream: str) -> list[str]:
+    """Everything ``fit`` is given, checked before a feature is read or a head file written; returns the head names."""
+    names = resolve_heads(head)
+    check_seed(seed)
+    resolve_device(device)  # a missing GPU fails before any head trains (or any saved head is replaced)
+    check_choice("stream", stream, STREAM_CHOICES)
+    params = {} if params is None else params
+    if not isinstance(params, dict) or any(n not in HEADS for n in params):
+        raise FeatkitError(f"`params` maps head names ({', '.join(HEAD_NAMES)}) to their parameters; got {params!r}", param="params")
+    for name, p in params.items():
+        check_head_params(name, p, HEADS[name]().get_params())
+    require_cache(cache_dir)
+    ensure_writable_dir(heads_dir(cache_dir), "cache_dir")
     return names
 
 
@@ -69,7 +87,8 @@ def fit_heads(
     larger than half the free memory) trains the heads that can from shuffled
     blocks of the cache; the others still load it.
     """
-    names = resolve_heads(head)
+    names = check_fit_args(cache_dir, head, seed=seed, device=device, params=params, stream=stream)
+    check_int("block_rows", block_rows, low=1)
     keys = resolve_backbones(cache_dir, backbone)
     records = []
     for key in keys:
@@ -86,6 +105,7 @@ def _fit_backbone(cache_dir: Path, key: str, names: list[str], *, label: str, se
     out = heads_dir(cache_dir, key)
     records = []
     with FeatureStore.open(cache_file(cache_dir, key)) as store:
+        store.check_intact()  # a damaged cache is refused before any head learns from it (or any saved head is replaced)
         cities, split_id = store.cities(), store.split_id
         train_rows = store.split_rows("train")
         if len(set(store.column("city")[train_rows].tolist())) < 2:

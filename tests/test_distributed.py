@@ -74,7 +74,7 @@ def test_torchrun_two_ranks_equal_one_process_and_rerun_does_nothing(tmp_path, r
 
     out = _torchrun(photos, multi, tmp_path)
     assert "24 extracted, 2 skipped" in out, out  # rank 0 reports the whole run
-    assert sorted(p.name for p in multi.iterdir()) == ["failed.csv", "features.h5"], "shard files left behind"
+    assert sorted(p.name for p in multi.iterdir()) == ["failed.csv", "features.h5", "features.h5.lock"], "shard files left behind"
 
     r = runner.invoke(app, ["extract", str(photos), "--cache", str(tmp_path / "single"), *FAST])
     assert r.exit_code == 0, r.output
@@ -85,7 +85,7 @@ def test_torchrun_two_ranks_equal_one_process_and_rerun_does_nothing(tmp_path, r
 
     out = _torchrun(photos, multi, tmp_path)
     assert "0 extracted, 0 skipped" in out and "26 already cached; cache holds 24 photos" in out, out
-    assert sorted(p.name for p in multi.iterdir()) == ["failed.csv", "features.h5"]
+    assert sorted(p.name for p in multi.iterdir()) == ["failed.csv", "features.h5", "features.h5.lock"]
     _assert_same(_contents(multi / "features.h5"), joined)
 
 

@@ -84,3 +84,25 @@ def test_an_edited_head_is_refused_and_with_none_left_compare_says_why(fitted, t
     r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert [p.name for p in trusted_heads(heads_dir(cache))[0]] == ["logreg.joblib"]
+
+
+def test_concurrent_saves_keep_every_manifest_entry(tmp_path):
+    """Many processes saving heads into one folder at once: the manifest lists every one (it used to keep
+    only the last writer's view of it)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys; from sklearn.dummy import DummyClassifier; from featkit.heads import save_head\n"
+        "i = int(sys.argv[1]); folder = sys.argv[2]\n"
+        "for k in range(5): save_head(f'{folder}/h{i}_{k}.joblib', DummyClassifier(), {'head': f'h{i}_{k}'})\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(tmp_path)], env=env) for i in range(6)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    manifest = json.loads((tmp_path / HEADS_MANIFEST).read_text())
+    assert len(manifest["heads"]) == 30
+    trusted, ignored = trusted_heads(tmp_path)
+    assert len(trusted) == 30 and not ignored
