@@ -256,12 +256,16 @@ class Damage:
     fatal: bool = False
     n_rows: int = 0
     n_batches: int = 0
+    legacy: bool = False  # the first layout: nothing to verify against
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.legacy
 
     def line(self) -> str:
+        if self.legacy:
+            return (f"feature cache {self.path} has no checksums to verify (an older featkit's layout); "
+                    f"rewrite it with them: featkit verify --cache {self.path.parent} --repair")
         if self.ok:
             return f"{self.path}: ok ({self.n_rows} rows in {self.n_batches} checksummed batches)"
         what = "; ".join(self.problems[:3]) + (f"; and {len(self.problems) - 3} more" if len(self.problems) > 3 else "")
@@ -564,7 +568,7 @@ class FeatureStore:
         unique photo ids. Returns what was found (``Damage.ok`` when nothing)."""
         d = Damage(self.path, n_rows=self.n_rows, n_batches=self.n_batches)
         if self.legacy:
-            d.problems.append("it has no checksums (made by an older featkit); `featkit verify --repair` rewrites it with them")
+            d.legacy = True
             return d
         n = d.n_rows
         bad: list[np.ndarray] = []
