@@ -4,27 +4,35 @@ It answers ``flickr.photos.search`` the way Flickr does (OAuth-signed POSTs from
 the real ``flickrapi`` client, JSON with ``stat``, pagination, ``extras``, a
 result cap past which pages repeat earlier ones, ``stat: fail`` errors) and
 serves the image bytes at each photo's ``url_n`` on the same server. Faults can
-be queued for the next API or image requests, or pinned to a photo id::
+be queued for the next API or image requests, pinned to a photo id, or drawn at
+random for a fraction of requests::
 
     with FakeFlickr(make_catalog(["Paris", "Tokyo"], 60), api_key=k, api_secret=s) as fake:
         fake.fail_next("api", "429", "503")
         fake.image_faults["1000007"] = "html"
+        fake.random_faults["image"] = (0.01, ("500", "reset", "truncated"))
         download_photos(..., endpoint=fake.endpoint)
+
+``api_delay_s``/``image_delay_s`` slow answers down, and ``in_flight`` counts the
+requests being answered, so a test can kill a client in the middle of one.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
 import math
+import random
+import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,8 +40,11 @@ from featkit import photogen
 
 API_FAULTS = ("429", "429-retry-after", "500", "502", "503", "hang", "reset", "malformed-json",
               "stat-fail-105")
-IMAGE_FAULTS = ("429", "500", "502", "503", "hang", "reset", "truncated", "truncated-jpeg", "html", "404",
-                "unavailable")
+IMAGE_FAULTS = ("429", "500", "502", "503", "hang", "reset", "truncated", "truncated-jpeg", "garbage", "html",
+                "404", "unavailable")
+# What a client may retry: the same request can succeed next time.
+TRANSIENT_API_FAULTS = ("429", "500", "502", "503", "hang", "reset", "malformed-json", "stat-fail-105")
+TRANSIENT_IMAGE_FAULTS = ("429", "500", "502", "503", "hang", "reset", "truncated")
 REST_PATH = "/services/rest/"
 
 
@@ -117,16 +128,27 @@ class FakeFlickr:
 
     ``api_key``/``api_secret``: the credentials it accepts (OAuth1 HMAC-SHA1
     signatures are verified, like Flickr). ``cap``: results reachable per query;
-    pages past it repeat earlier pages. ``image_delay_s`` slows image responses.
+    pages past it repeat earlier pages. ``image_delay_s``/``api_delay_s`` slow
+    image/API responses. ``keep_bytes=False`` renders an image on every request
+    instead of keeping its bytes (long runs: flat memory in the serving process).
+    ``pad_to`` pads each JPEG with a comment segment to about that many bytes (Flickr's
+    320-px images weigh 20-50 kB; rendering them that large would be slow). ``seed``
+    drives :attr:`random_faults`.
     """
 
     def __init__(self, photos: Iterable[FakePhoto], *, api_key: str = "fake-key", api_secret: str = "fake-secret",
-                 cap: int = 4000, hang_s: float = 2.0, image_delay_s: float = 0.0):
+                 cap: int = 4000, hang_s: float = 2.0, image_delay_s: float = 0.0, api_delay_s: float = 0.0,
+                 keep_bytes: bool = True, pad_to: int = 0, seed: int = 0):
         self.photos = list(photos)
         self.by_id = {p.id: p for p in self.photos}
         self.api_key, self.api_secret = api_key, api_secret
-        self.cap, self.hang_s, self.image_delay_s = cap, hang_s, image_delay_s
+        self.cap, self.hang_s, self.image_delay_s, self.api_delay_s = cap, hang_s, image_delay_s, api_delay_s
+        self.keep_bytes, self.pad_to = keep_bytes, pad_to
         self.image_faults: dict[str, str] = {}      # photo id -> fault, on every request
+        # kind -> (probability, faults): each request of that kind (not otherwise faulted) draws one
+        self.random_faults: dict[str, tuple[float, Sequence[str]]] = {}
+        self._rng = random.Random(seed)
+        self.in_flight = {"api": 0, "image": 0}     # requests being answered right now
         self._queues = {"api": collections.deque(), "image": collections.deque()}
         self.api_calls: list[dict[str, str]] = []   # params of every API request (oauth_* removed)
         self.api_times: list[float] = []
@@ -153,6 +175,10 @@ class FakeFlickr:
             fault = self.image_faults.get(photo_id) if photo_id else None
             if fault is None and self._queues[kind]:
                 fault = self._queues[kind].popleft()
+            if fault is None and kind in self.random_faults:
+                rate, choices = self.random_faults[kind]
+                if self._rng.random() < rate:
+                    fault = self._rng.choice(list(choices))
             if fault:
                 self.faults_served.append((kind, fault))
             return fault
@@ -162,8 +188,11 @@ class FakeFlickr:
             data = self._bytes.get(photo.id)
         if data is None:
             data = photo.image() if photo.image else photogen.render_jpeg(photo.city or "x", int(photo.id))
-            with self._lock:
-                self._bytes[photo.id] = data
+            if len(data) < self.pad_to:
+                data = _pad_jpeg(data, self.pad_to)
+            if self.keep_bytes:
+                with self._lock:
+                    self._bytes[photo.id] = data
         return data
 
     @property
@@ -185,7 +214,7 @@ class FakeFlickr:
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._server.block_on_close = False
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakeflickr", daemon=True)
@@ -275,6 +304,19 @@ class FakeFlickr:
         return e
 
 
+def _pad_jpeg(data: bytes, size: int) -> bytes:
+    """``data`` (a JPEG) grown to about ``size`` bytes by COM segments right after SOI; the
+    padding derives from the bytes, so equal images stay equal."""
+    seed = hashlib.sha256(data).digest()
+    need, segments = size - len(data), []
+    while need > 4:
+        n = min(need - 4, 65533)
+        body = (seed * (n // 32 + 1))[:n]
+        segments.append(b"\xff\xfe" + (n + 2).to_bytes(2, "big") + body)
+        need -= n + 4
+    return data[:2] + b"".join(segments) + data[2:]
+
+
 def _fail(code: int, message: str) -> dict:
     return {"stat": "fail", "code": code, "message": message}
 
@@ -309,9 +351,18 @@ def _verify_oauth(handler: "_Handler", body: str, key: str, secret: str) -> dict
     return None
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client killed or gone: not news
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeFlickr
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold every keep-alive response back about 40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
@@ -349,16 +400,30 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode("utf-8") if length else ""
-        self._api(body)
+        with self._counted("api"):
+            self._api(body)
 
     def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         if path == REST_PATH:
-            self._api("")
+            with self._counted("api"):
+                self._api("")
         elif path.endswith("/photo_unavailable.png"):
             self._send(200, _PLACEHOLDER_PNG, "image/png")
         else:
-            self._image(path)
+            with self._counted("image"):
+                self._image(path)
+
+    @contextlib.contextmanager
+    def _counted(self, kind: str) -> Iterator[None]:
+        fake = self.owner
+        with fake._lock:
+            fake.in_flight[kind] += 1
+        try:
+            yield
+        finally:
+            with fake._lock:
+                fake.in_flight[kind] -= 1
 
     def _api(self, body: str) -> None:
         fake = self.owner
@@ -368,6 +433,8 @@ class _Handler(BaseHTTPRequestHandler):
         with fake._lock:
             fake.api_calls.append({k: v for k, v in params.items() if not k.startswith("oauth_")})
             fake.api_times.append(time.monotonic())
+        if fake.api_delay_s:
+            time.sleep(fake.api_delay_s)
         fault = fake._next_fault("api")
         if fault and self._common_fault(fault):
             return
@@ -409,6 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif fault == "truncated-jpeg":  # a complete response holding a cut file
             self._send(200, data[: len(data) // 2], "image/jpeg")
+        elif fault == "garbage":  # a complete response whose bytes are no image at all
+            self._send(200, hashlib.sha256(data).digest() * (len(data) // 32 + 1), "image/jpeg")
         elif fault == "html":
             self._send(200, b"<!DOCTYPE html><html><body>Oops, something went wrong</body></html>",
                        "text/html; charset=utf-8")
