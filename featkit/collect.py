@@ -38,7 +38,7 @@ from PIL import UnidentifiedImageError
 
 from featkit.cities import City, validate_city_name
 from featkit.errors import FeatkitError
-from featkit.options import DOWNLOAD
+from featkit.options import DOWNLOAD, DownloadOptions
 from featkit.flickr import (ENDPOINT_ENV, FLICKR_RESULT_CAP, RETRY_STATUSES, FlickrClient, backoff_delay, gave_up,
                             resolve_license, retrying_session, search_windows, tries_made)
 from featkit.images import decoded_size, dhash
@@ -431,20 +431,15 @@ def download_photos(
 
 def _check_args(cities: list[City], per_city: int, template: str, min_interval_s: float, max_retries: int,
                 timeout_s: float, workers: int, per_page: int, result_cap: int, min_size: int) -> None:
-    if per_city < 1:
-        raise FeatkitError(f"--per-city must be at least 1, got {per_city}")
-    try:
-        template.format(city="x")
-    except (KeyError, IndexError, ValueError):
-        raise FeatkitError(f"query template {template!r} may only use {{city}}, e.g. '{{city}} streets'") from None
-    if "{city}" not in template:
-        raise FeatkitError(f"query template {template!r} must contain {{city}}, e.g. '{{city}} streets'")
-    if min_interval_s < 0 or max_retries < 0 or timeout_s <= 0 or min_size < 0:
-        raise FeatkitError("min interval, retries and min size must be >= 0 and the timeout > 0")
-    if not 1 <= workers <= 32:
-        raise FeatkitError(f"--workers must be between 1 and 32, got {workers}")
-    if not 1 <= per_page <= 500 or result_cap < per_page:
-        raise FeatkitError(f"per_page must be 1-500 and no larger than the result cap ({per_page}, {result_cap})")
+    """The same checks as ``featkit download``'s (:class:`~featkit.options.DownloadOptions`, whose bounds are
+    written once in :mod:`featkit.validate`), plus those of the parameters only the library takes."""
+    from featkit.validate import check_float, check_int
+
+    DownloadOptions(per_city=per_city, query_template=template, min_size=min_size, min_interval_s=min_interval_s, workers=workers)
+    check_int("max_retries", max_retries, low=0, high=100)
+    check_float("timeout_s", timeout_s, low=0, low_open=True, high=3600.0)
+    check_int("per_page", per_page, low=1, high=500)
+    check_int("result_cap", result_cap, low=per_page, why=" (at least per_page)")
     for c in cities:
         validate_city_name(c.name)
     names = [c.name for c in cities]

@@ -259,3 +259,18 @@ def test_writable_dir_helper(tmp_path):
     (tmp_path / "f").write_text("x")
     _raises("cache_dir", ensure_writable_dir, tmp_path / "f", "cache_dir")
     _raises("reports_dir", ensure_writable_dir, tmp_path / "f" / "sub", "reports_dir")
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [({"min_interval_s": math.nan}, "min_interval_s"), ({"per_city": 0}, "per_city"), ({"workers": 100}, "workers"),
+     ({"timeout_s": 0}, "timeout_s"), ({"max_retries": -1}, "max_retries"), ({"per_page": 501}, "per_page")],
+)
+def test_download_photos_called_directly_checks_the_same_bounds(tmp_path, kw, param):
+    from featkit.cities import load_cities
+    from featkit.collect import download_photos
+
+    with pytest.raises(FeatkitError) as e:
+        download_photos(load_cities("Paris,London"), tmp_path / "dl", api_key="k", api_secret="s", **kw)
+    assert e.value.param == param
+    assert not (tmp_path / "dl").exists()  # refused before any folder is made

@@ -285,7 +285,7 @@ def test_a_second_download_into_the_same_folder_is_refused(tmp_path):
 def test_bad_options_give_clean_errors(tmp_path):
     paris = load_cities("Paris")
     for kwargs, needle in [(dict(license="gpl"), "unknown licence"), (dict(query_template="{town}"), "{city}"),
-                           (dict(endpoint="ftp://x"), "http(s) URL"), (dict(workers=0), "--workers")]:
+                           (dict(endpoint="ftp://x"), "http(s) URL"), (dict(workers=0), "`workers`")]:
         with pytest.raises(FeatkitError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             download_photos(paris, tmp_path, 5, **dict(FAST, **kwargs))
     with pytest.raises(FeatkitError, match="safe folder name"):
