@@ -600,9 +600,10 @@ def save_head(path, head: BaseEstimator, record: dict) -> None:
         joblib.dump({"head": head, "record": record}, tmp)
     import fcntl
 
-    # Two fits saving into one folder at once: each reads, edits and replaces the manifest under this lock,
-    # so neither loses the other's entry. Blocking: a save holds it for milliseconds.
-    fd = os.open(path.parent / ".manifest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # Two fits saving into one folder at once: each reads, edits and replaces the manifest under a lock on
+    # the folder itself (its inode, unlike the manifest's, never changes), so neither loses the other's
+    # entry. Blocking: a save holds it for milliseconds.
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         heads = _read_manifest(path.parent)
