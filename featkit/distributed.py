@@ -116,7 +116,7 @@ def join_shards(store: FeatureStore, shards: list[Path], *, block_rows: int = 20
             failed = []
             for r in shard.failed():
                 if r["photo_id"] not in done:
-                    failed.append((r["photo_id"], r["path"], r["reason"]))
+                    failed.append((r["photo_id"], r["path"], r["reason"], r["signature"]))
                     done.add(r["photo_id"])
             if failed:
                 store.append({}, np.empty((0, 0), dtype=dtype), failed)

@@ -48,7 +48,7 @@ from featkit.manifest import Photo, path_text
 from featkit.options import DECODES, EXTRACT, ExtractOptions
 from featkit.provenance import provenance
 from featkit.splits import assign_splits, split_counts
-from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, shared_splits
+from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, file_signature, shared_splits
 
 
 class _PhotoDataset(torch.utils.data.Dataset):
@@ -421,6 +421,7 @@ class ExtractSummary:
     split_counts: dict = field(default_factory=dict)
     interrupted: bool = False
     n_repaired: int = 0  # damaged rows dropped by --repair before this run (and extracted again by it)
+    n_retried: int = 0  # photos failed before and tried again (--retry-failed, or their file changed)
     cache_path: str = ""
     failed_csv: str = ""
     rank: int = 0  # under torchrun: this process's rank, the number of processes,
@@ -438,6 +439,8 @@ class ExtractSummary:
         if self.n_skipped or self.n_total_failed:
             s += f" (see {self.failed_csv})"
         s += f"; {self.n_already} already cached; cache holds {self.n_total_rows} photos ({rate:.1f} images/s)"
+        if self.n_retried:
+            s += f"; {self.n_retried} failed before and tried again"
         if self.n_repaired:
             s += f"; {self.n_repaired} damaged rows were dropped and extracted again"
         return s
@@ -532,7 +535,7 @@ def write_batches(
             "path": [path_text(p.path) for p in b.photos],
             "owner": [p.owner for p in b.photos],
         }
-        store.append(rows, b.features, [(p.photo_id, path_text(p.path), reason) for p, reason in b.failed])
+        store.append(rows, b.features, [_failure(p, reason) for p, reason in b.failed])
         summary.n_extracted += len(b.photos)
         summary.n_skipped += len(b.failed)
         if progress is not None:
@@ -615,7 +618,8 @@ def plan(
     """Splits for the photos that can be read, and the photos to extract now.
 
     Photos already handled are left alone: those stored, and those recorded as failed unless
-    ``options.retry_failed``. Every other photo is first looked at cheaply (:func:`check_photos`: the file,
+    ``options.retry_failed`` or their file changed since it failed (size or modification time:
+    :func:`~featkit.store.file_signature`; counted in ``summary.n_retried``). Every other photo is first looked at cheaply (:func:`check_photos`: the file,
     its header, its pixel count, and whether it is the same file as another photo); those that fail are
     recorded in ``store`` now, with their reason, and counted in ``summary.n_skipped``. Only then are the
     splits assigned, over the photos stored or to extract, so an unreadable photo never takes a place in a
@@ -627,16 +631,19 @@ def plan(
     stored_ids = store.column("photo_id")
     existing = {**shared, **dict(zip(stored_ids, store.column("split")))}
     stored = set(stored_ids.tolist())
-    done = store.done_ids(retry_failed=options.retry_failed)
+    failed_ids = {r["photo_id"] for r in store.failed()}
+    signatures = {p.photo_id: file_signature(p.path) for p in photos if p.photo_id in failed_ids}
+    done = store.done_ids(retry_failed=options.retry_failed, signatures=signatures)
     pending = [p for p in photos if p.photo_id not in done]
     bad = check_photos(pending, known=[p for p in photos if p.photo_id in stored])
     if bad:
         no_rows = {name: [] for name in ROW_FIELDS}
-        store.append(no_rows, np.empty((0, store.n_features), dtype=np.float32), [(p.photo_id, path_text(p.path), why) for p, why in bad])
+        store.append(no_rows, np.empty((0, store.n_features), dtype=np.float32), [_failure(p, why) for p, why in bad])
     bad_ids = {p.photo_id for p, _ in bad}
     todo = [p for p in pending if p.photo_id not in bad_ids]
     if summary is not None:
         summary.n_already, summary.n_skipped = len(photos) - len(pending), summary.n_skipped + len(bad)
+        summary.n_retried = sum(p.photo_id in failed_ids for p in pending)
     readable = [p for p in photos if p.photo_id in stored] + todo
     readable_ids = {p.photo_id for p in readable}
     unreadable = Counter(p.city for p in photos if p.photo_id not in readable_ids)
@@ -652,6 +659,11 @@ def plan(
     if store.n_rows == 0:  # a new cache records its protocol (an old cache's is unknown: left unset)
         store.record_split_protocol(split_protocol(options))
     return splits, todo
+
+
+def _failure(photo: Photo, reason: str) -> tuple[str, str, str, str]:
+    """A failure as the store records it: the photo, its path, why, and its file's signature now."""
+    return photo.photo_id, path_text(photo.path), reason, file_signature(photo.path)
 
 
 CHECK_THREADS = 8  # header checks at once: file system latency overlaps (a network share, a cold disk)

@@ -69,7 +69,10 @@ CACHE_FILE = "features.h5"
 FAILED_CSV = "failed.csv"
 HEADS_DIR = "heads"
 ROW_FIELDS = ("photo_id", "city", "split", "path", "owner")
-FAILED_FIELDS = ("photo_id", "path", "reason")
+FAILED_FIELDS = ("photo_id", "path", "reason")  # failed.csv's columns
+# and what the store keeps of a failure: plus the file's size and modification time when it failed
+# (``file_signature``), so a photo whose file changed since is tried again without being asked
+FAILED_STORED = FAILED_FIELDS + ("signature",)
 
 
 DEFAULT_KEY = "vgg16"  # the study's features (VGG16 conv base, flatten, 224): CACHE/features.h5 and CACHE/heads/
@@ -484,21 +487,26 @@ class FeatureStore:
             return []
         if self.legacy:
             cols = {k: list(self.f["failed"][k].asstr()[:n]) for k in FAILED_FIELDS}
+            cols["signature"] = [""] * n  # not recorded then: such a failure is retried only when asked
         else:
-            cols = {k: _Text(self.f["failed"]["text"][k]).read(n) for k in FAILED_FIELDS}
+            cols = {k: _Text(self.f["failed"]["text"][k]).read(n) for k in FAILED_STORED}
         stored = set(self.column("photo_id").tolist())
         latest: dict[str, dict] = {}
-        for vals in zip(*(cols[k] for k in FAILED_FIELDS)):
-            rec = dict(zip(FAILED_FIELDS, vals))
+        for vals in zip(*(cols[k] for k in FAILED_STORED)):
+            rec = dict(zip(FAILED_STORED, vals))
             if rec["photo_id"] not in stored:
                 latest.pop(rec["photo_id"], None)
                 latest[rec["photo_id"]] = rec
         return list(latest.values())
 
-    def done_ids(self, *, retry_failed: bool = False) -> set[str]:
-        """Photo ids already handled: stored rows and (unless ``retry_failed``) recorded failures."""
+    def done_ids(self, *, retry_failed: bool = False, signatures: dict[str, str] | None = None) -> set[str]:
+        """Photo ids already handled: stored rows and (unless ``retry_failed``) recorded failures, except those
+        whose file changed since it failed (``signatures``: ``photo_id -> file_signature`` now), tried again."""
         done = set(self.column("photo_id").tolist())
-        return done if retry_failed else done | {r["photo_id"] for r in self.failed()}
+        if retry_failed:
+            return done
+        signatures = signatures or {}
+        return done | {r["photo_id"] for r in self.failed() if not _changed(r["signature"], signatures.get(r["photo_id"]))}
 
     def split_rows(self, split: str) -> np.ndarray:
         """Row indices of one split, ascending."""
@@ -546,7 +554,7 @@ class FeatureStore:
             path.unlink(missing_ok=True)
             return 0
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(FAILED_FIELDS), lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=list(FAILED_FIELDS), lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         w.writerows(failed)
         atomic_write(path, buf.getvalue().encode("utf-8", "backslashreplace"))
@@ -634,7 +642,7 @@ class FeatureStore:
             self.f["split"].resize(n, axis=0)
         for name in TEXT_FIELDS:
             _Text(self.f["text"][name]).truncate(n)
-        for name in FAILED_FIELDS:
+        for name in FAILED_STORED:
             _Text(self.f["failed"]["text"][name]).truncate(nf)
         for name in ("end", "crc"):
             if self.f["batches"][name].shape[0] != nb:
@@ -665,8 +673,8 @@ class FeatureStore:
                 self.f["batches"][name][nb] = value
             nb += 1
         if failed:
-            for i, name in enumerate(FAILED_FIELDS):
-                _Text(self.f["failed"]["text"][name]).append(nf, _encode(r[i] for r in failed))
+            for i, name in enumerate(FAILED_STORED):  # a failure without its signature (3 values) records ""
+                _Text(self.f["failed"]["text"][name]).append(nf, _encode(r[i] if i < len(r) else "" for r in failed))
         self.f.flush()
         self._before_commit()
         self.f.attrs["commit"] = np.array([n + k, nf + len(failed), nb], dtype=np.int64)
@@ -685,6 +693,21 @@ class FeatureStore:
         self.f = _h5open(self.path, "a")
         self._columns.clear()
         return len(drop)
+
+
+def file_signature(path: str | Path) -> str:
+    """What a failure records of its file, to notice a fix: ``size:mtime_ns``, or ``absent`` when it cannot be
+    looked at (missing, a dangling link, a loop)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return "absent"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _changed(recorded: str, now: str | None) -> bool:
+    """Whether a failed photo's file changed since (an older failure recorded nothing: not known to have)."""
+    return bool(recorded) and now is not None and recorded != now
 
 
 def verify_cache(path: str | Path, *, repair: bool = False) -> tuple[Damage, int]:
@@ -750,7 +773,7 @@ def _create(path: Path, identity: dict, provenance: dict | None, attrs: dict | N
         for name in TEXT_FIELDS:
             _Text.create(text, name)
         ftext = f.create_group("failed").create_group("text")
-        for name in FAILED_FIELDS:
+        for name in FAILED_STORED:
             _Text.create(ftext, name)
         b = f.create_group("batches")
         b.create_dataset("end", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
@@ -794,7 +817,7 @@ def _rewrite(store: FeatureStore, keep: np.ndarray, *, block_rows: int = 2048) -
             sel = keep[start : start + block_rows]
             dst.append({name: cols[name][sel].tolist() for name in ROW_FIELDS}, src.read_features(sel, dtype=src.f["features"].dtype))
         if failed:
-            dst.append({}, np.empty((0, 0)), [(r["photo_id"], r["path"], r["reason"]) for r in failed])
+            dst.append({}, np.empty((0, 0)), [tuple(r[k] for k in FAILED_STORED) for r in failed])
     finally:
         dst.close()
     src.f.close()
@@ -834,7 +857,7 @@ def _structure_problems(f: h5py.File) -> list[str]:
         counts = ("n_rows", "n_failed")
     else:
         needed = ["features", "split", "batches/end", "batches/crc", *(f"text/{k}/{p}" for k in TEXT_FIELDS for p in ("bytes", "end")),
-                  *(f"failed/text/{k}/{p}" for k in FAILED_FIELDS for p in ("bytes", "end"))]
+                  *(f"failed/text/{k}/{p}" for k in FAILED_STORED for p in ("bytes", "end"))]
         counts = ("commit",)
     missing = [name for name in needed if name not in f]
     if missing:
@@ -854,7 +877,7 @@ def _structure_problems(f: h5py.File) -> list[str]:
             return ["its commit attribute is not three counts"]
         n, nf, nb = (int(v) for v in commit)
         row_sets = ["features", "split", *(f"text/{k}/end" for k in TEXT_FIELDS)]
-        failed_sets = [f"failed/text/{k}/end" for k in FAILED_FIELDS]
+        failed_sets = [f"failed/text/{k}/end" for k in FAILED_STORED]
         if f["batches/end"].shape[0] < nb or f["batches/crc"].shape[0] < nb:
             problems.append(f"it records {nb} batches but holds fewer")
     short = [name for name in row_sets if f[name].shape[0] < n]

@@ -246,26 +246,31 @@ def test_too_few_readable_photos_names_them_and_failed_csv(tmp_path):
     assert len(_failed_csv(cache)) == 3
 
 
-def test_retry_failed_after_fixing_a_file(tmp_path):
+def test_a_fixed_file_is_retried_by_itself_and_retry_failed_retries_the_rest(tmp_path):
     root = make_photos(tmp_path / "photos", cities=("Paris", "Tokyo"), n=6)
     good = (root / "Paris" / "000.jpg").read_bytes()
     (root / "Paris" / "broken.jpg").write_bytes(good[: len(good) // 2])
     (root / "Tokyo" / "still_broken.jpg").write_text("not an image")
+    (root / "Tokyo" / "gone.jpg").symlink_to(root / "nowhere.jpg")  # a link to nothing: fixed by making its file
     cache = tmp_path / "cache"
-    assert "12 extracted, 2 skipped" in _extract(root, cache).output
-    (root / "Paris" / "broken.jpg").write_bytes(good)  # fixed
+    assert "12 extracted, 3 skipped" in _extract(root, cache).output
 
-    r = _extract(root, cache)  # recorded failures are not retried by default
-    assert "0 extracted, 0 skipped" in r.output and "14 already cached" in r.output
-    assert set(_failed_csv(cache)) == {"Paris/broken.jpg", "Tokyo/still_broken.jpg"}
+    r = _extract(root, cache)  # nothing changed: recorded failures are not read again
+    assert "0 extracted, 0 skipped" in r.output and "15 already cached" in r.output
+    assert set(_failed_csv(cache)) == {"Paris/broken.jpg", "Tokyo/still_broken.jpg", "Tokyo/gone.jpg"}
 
-    r = _extract(root, cache, "--retry-failed")
+    (root / "Paris" / "broken.jpg").write_bytes(good)  # fixed: its size and time change
+    (root / "nowhere.jpg").write_bytes(good)  # the link now leads somewhere
+    r = _extract(root, cache)  # tried again without being asked
     assert r.exit_code == 0, r.output
-    assert "1 extracted, 1 skipped" in r.output and "12 already cached; cache holds 13 photos" in r.output
+    assert "2 extracted, 0 skipped" in r.output and "2 failed before and tried again" in r.output, r.output
+    assert set(_failed_csv(cache)) == {"Tokyo/still_broken.jpg"}
+    assert {"Paris/broken.jpg", "Tokyo/gone.jpg"} <= {row["photo_id"] for row in _stored(cache)}
+
+    r = _extract(root, cache, "--retry-failed")  # asked: the unchanged one is read again too (and fails again)
+    assert "0 extracted, 1 skipped" in r.output and "1 failed before and tried again" in r.output, r.output
     assert set(_failed_csv(cache)) == {"Tokyo/still_broken.jpg"}  # listed once though recorded twice
-    assert "Paris/broken.jpg" in {row["photo_id"] for row in _stored(cache)}
-    r = _extract(root, cache, "--retry-failed")
-    assert "0 extracted, 1 skipped" in r.output and set(_failed_csv(cache)) == {"Tokyo/still_broken.jpg"}
+    assert "14 photos" in r.output
 
 
 # --------------------------------------------------------------------------- the pixel limit on every path
