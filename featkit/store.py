@@ -738,8 +738,11 @@ class _WriterLock:
         import fcntl
 
         self.path = lock_file(cache_path)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FeatkitError(f"cannot write in {cache_path.parent} ({e.strerror or type(e).__name__}); give a --cache folder you can write to") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -921,6 +924,8 @@ def _h5open(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as e:
+        if mode != "r" and path.exists() and not os.access(path, os.W_OK):
+            raise FeatkitError(f"feature cache {path} is read-only; make it writable (chmod u+w) or copy the cache folder elsewhere") from None
         if isinstance(e, BlockingIOError) or ("lock" in _first_line(e).lower() and _locked(path, exclusive=mode != "r")):
             raise FeatkitError(f"feature cache {path} is in use by another process (an extract writing it?); wait for it to finish, or use another --cache") from None
         raise FeatkitError(
