@@ -147,10 +147,7 @@ def download(
     DownloadOptions(  # checks every value before the key is looked for or a folder made
         per_city=per_city, query_template=query_template, license=license, has_geo=has_geo, min_size=min_size, min_interval_s=min_interval_s, workers=workers,
     )
-    try:
-        resolve_license(license)
-    except FeatkitError as e:
-        raise FeatkitError(str(e), param="license") from None
+    resolve_license(license)
     check_url("endpoint", endpoint)
     city_list = load_cities(cities)
     ensure_writable_dir(cache, "cache_dir")

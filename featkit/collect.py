@@ -43,6 +43,7 @@ from featkit.flickr import (ENDPOINT_ENV, FLICKR_RESULT_CAP, RETRY_STATUSES, Fli
                             resolve_license, retrying_session, search_windows, tries_made)
 from featkit.images import decoded_size, dhash
 from featkit.manifest import MANIFEST_COLUMNS, SKIPPED_COLUMNS, read_manifest, write_manifest
+from featkit.validate import check_float, check_int, check_url
 
 EXTRAS = "url_n,owner_name,license,geo,date_taken,tags"
 SIZE_SUFFIX = "n"  # url_n: 320 px on the longest side, enough for 224-px backbones
@@ -433,8 +434,6 @@ def _check_args(cities: list[City], per_city: int, template: str, min_interval_s
                 timeout_s: float, workers: int, per_page: int, result_cap: int, min_size: int) -> None:
     """The same checks as ``featkit download``'s (:class:`~featkit.options.DownloadOptions`, whose bounds are
     written once in :mod:`featkit.validate`), plus those of the parameters only the library takes."""
-    from featkit.validate import check_float, check_int
-
     DownloadOptions(per_city=per_city, query_template=template, min_size=min_size, min_interval_s=min_interval_s, workers=workers)
     check_int("max_retries", max_retries, low=0, high=100)
     check_float("timeout_s", timeout_s, low=0, low_open=True, high=3600.0)
@@ -448,11 +447,7 @@ def _check_args(cities: list[City], per_city: int, template: str, min_interval_s
 
 
 def _resolve_endpoint(endpoint: str | None) -> str | None:
-    endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
-    if endpoint and not re.match(r"^https?://", endpoint):
-        raise FeatkitError(f"endpoint {endpoint!r} must be an http(s) URL such as "
-                           "https://api.flickr.com/services/rest/")
-    return endpoint
+    return check_url("endpoint", endpoint or os.environ.get(ENDPOINT_ENV) or None)
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ def resolve_license(license: str | None) -> str | None:
     ids = [part.strip() for part in value.split(",") if part.strip()]
     if not ids or not all(i.isdigit() and int(i) <= 16 for i in ids):
         raise FeatkitError(f"unknown licence {license!r}; choose one of: {', '.join(LICENSE_ALIASES)}, "
-                           "or a comma list of Flickr licence ids 0-16 (e.g. 4,5,9)")
+                           "or a comma list of Flickr licence ids 0-16 (e.g. 4,5,9)", param="license")
     return ",".join(ids)
 
 

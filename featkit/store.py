@@ -184,6 +184,11 @@ FORMAT = 2
 TEXT_FIELDS = ("photo_id", "city", "path", "owner")  # ROW_FIELDS but split, which is a code
 
 
+def _invalid_codes(codes: np.ndarray) -> np.ndarray:
+    """Which split codes are none of :data:`SPLIT_CODES`' (damage: the layout never writes them)."""
+    return (codes < 0) | (codes >= len(SPLIT_CODES))
+
+
 def _encode(values) -> list[bytes]:
     return [str(v).encode("utf-8", "surrogateescape") for v in values]
 
@@ -286,7 +291,8 @@ class FeatureStore:
         self.path = Path(path)
         self.f = f
         self._lock = lock
-        self._columns: dict[str, np.ndarray] = {}
+        self._columns: dict[str, np.ndarray] = {}  # committed columns read so far, valid while n_rows holds
+        self._failed: tuple[tuple[int, int, int], list[dict]] | None = None  # failed() as of one commit
         try:
             self._check_structure()
         except BaseException:
@@ -305,14 +311,20 @@ class FeatureStore:
             return cls(path, _h5open(path, "r"))
         lock = _WriterLock(path)
         try:
-            if _is_legacy(path):
-                _upgrade(path)
-            store = cls(path, _h5open(path, "a"), lock)
+            store = cls._reopen(path, lock)
         except BaseException:
             lock.release()
             raise
         store._truncate_uncommitted()
         return store
+
+    @classmethod
+    def _reopen(cls, path: Path, lock: "_WriterLock") -> "FeatureStore":
+        """An existing cache opened for writing under ``lock`` (held by the caller), a first-layout one
+        rewritten in this layout first."""
+        if _is_legacy(path):
+            _upgrade(path)
+        return cls(path, _h5open(path, "a"), lock)
 
     @classmethod
     def open_for_append(
@@ -334,9 +346,7 @@ class FeatureStore:
             if overwrite and path.exists():
                 path.unlink()
             if path.exists():
-                if _is_legacy(path):
-                    _upgrade(path)
-                store = cls(path, _h5open(path, "a"), lock)
+                store = cls._reopen(path, lock)
                 try:
                     check_identity(
                         store.identity,
@@ -467,7 +477,7 @@ class FeatureStore:
                 col = self.f[name].asstr()[:n].astype(object).astype(str)
             elif name == "split":
                 codes = self.f["split"][:n]
-                if len(codes) < n or ((codes < 0) | (codes >= len(SPLIT_CODES))).any():
+                if len(codes) < n or _invalid_codes(codes).any():
                     raise FeatkitError(Damage(self.path, ["the split column holds values other than train, val, test"]).line())
                 col = np.array(SPLIT_CODES)[codes]
             else:
@@ -482,7 +492,10 @@ class FeatureStore:
     def failed(self) -> list[dict]:
         """Photos recorded as unreadable and not stored since (a retried photo that worked is no longer
         failed), the latest record of each: ``{photo_id, path, reason}``."""
-        n = self.n_failed
+        commit = self._commit()
+        if self._failed is not None and self._failed[0] == commit:
+            return self._failed[1]
+        n = commit[1]
         if not n:
             return []
         if self.legacy:
@@ -497,7 +510,8 @@ class FeatureStore:
             if rec["photo_id"] not in stored:
                 latest.pop(rec["photo_id"], None)
                 latest[rec["photo_id"]] = rec
-        return list(latest.values())
+        self._failed = (commit, list(latest.values()))  # read once per commit (plan, done_ids, failed.csv all ask)
+        return self._failed[1]
 
     def done_ids(self, *, retry_failed: bool = False, signatures: dict[str, str] | None = None) -> set[str]:
         """Photo ids already handled: stored rows and (unless ``retry_failed``) recorded failures, except those
@@ -605,8 +619,7 @@ class FeatureStore:
                 d.problems.append(f"{n_crc} of {d.n_batches} batches fail their checksum")
             if n_nan:
                 d.problems.append(f"{n_nan} batches hold non-finite features")
-            codes = self.f["split"][:n]
-            wrong = np.flatnonzero((codes < 0) | (codes >= len(SPLIT_CODES)))
+            wrong = np.flatnonzero(_invalid_codes(self.f["split"][:n]))
             if len(wrong):
                 d.problems.append(f"{len(wrong)} rows have a split other than train, val, test")
                 bad.append(wrong)
@@ -628,9 +641,7 @@ class FeatureStore:
         """:meth:`verify`, raising its one line when anything is wrong (``fit`` and ``compare`` call this
         before they read a feature, so a damaged cache never gives wrong numbers)."""
         d = self.verify()
-        if self.legacy:
-            return  # the first layout has nothing to check against; it is rewritten with checksums when appended to
-        if not d.ok:
+        if not d.ok and not d.legacy:  # the first layout has nothing to check against; it gets checksums when appended to
             raise FeatkitError(d.line())
 
     # -- writing ---------------------------------------------------------------------------
@@ -687,12 +698,13 @@ class FeatureStore:
     def drop_rows(self, rows: np.ndarray) -> int:
         """Rewrite this cache without ``rows`` (damaged ones), keeping every other row, failure and attribute;
         the photos dropped are extracted again by the next ``extract``. Returns how many were dropped."""
-        drop = set(np.asarray(rows, dtype=np.int64).tolist())
-        keep = np.array([i for i in range(self.n_rows) if i not in drop], dtype=np.int64)
+        n = self.n_rows
+        keep = np.setdiff1d(np.arange(n, dtype=np.int64), np.asarray(rows, dtype=np.int64))
         _rewrite(self, keep)
         self.f = _h5open(self.path, "a")
         self._columns.clear()
-        return len(drop)
+        self._failed = None  # another file now
+        return n - len(keep)
 
 
 def file_signature(path: str | Path) -> str:

@@ -152,7 +152,7 @@ def check_head_params(name: str, params: dict, accepted) -> None:
 
 def check_url(name: str, value: str | None) -> str | None:
     """An http(s) URL (or None: the default)."""
-    if value is not None and not (isinstance(value, str) and value.lower().startswith(("http://", "https://")) and len(value) > len("https://")):
+    if value is not None and not (isinstance(value, str) and value.startswith(("http://", "https://")) and len(value) > len("https://")):
         raise FeatkitError(f"`{name}` {value!r} must be an http(s) URL such as https://api.flickr.com/services/rest/", param=name)
     return value
 
