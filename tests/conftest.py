@@ -52,3 +52,18 @@ def _isolated_env(monkeypatch, tmp_path):
 
 # Small, fast extraction settings used across tests: random weights on 32x32 inputs.
 FAST = ["--weights", "random", "--image-size", "32", "--no-progress", "--workers", "0", "--batch-size", "8"]
+
+
+def fitted_cache(root: Path, *extract_args: str, n: int) -> tuple[Path, Path]:
+    """Generated photos under ``root/photos`` (``n`` a city), extracted with :data:`FAST` (plus ``extract_args``)
+    into ``root/cache``, and a logreg head fitted on it: ``(photos, cache)``."""
+    from featkit.cli import app
+
+    photos = make_photos(root / "photos", n=n)
+    cache = root / "cache"
+    runner = CliRunner()
+    r = runner.invoke(app, ["extract", str(photos), "--cache", str(cache), *FAST, *extract_args])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return photos, cache

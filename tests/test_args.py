@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import featkit
-from conftest import FAST, make_photos
+from conftest import FAST, fitted_cache
 from featkit.cli import app
 from featkit.errors import FeatkitError
 from featkit.options import DownloadOptions, ExtractOptions, MLPOptions, PredictOptions
@@ -22,16 +22,8 @@ from featkit.validate import ensure_writable_dir, max_workers
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One small cache with a fitted logreg head, shared by the module (every command here fails, so nothing changes it)."""
-    from typer.testing import CliRunner
-
     root = tmp_path_factory.mktemp("args")
-    photos = make_photos(root / "photos", n=8)
-    cache = root / "cache"
-    runner = CliRunner()
-    r = runner.invoke(app, ["extract", str(photos), "--cache", str(cache), *FAST, "--test-size", "2", "--val-size", "2"])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
-    assert r.exit_code == 0, r.output
+    photos, cache = fitted_cache(root, "--test-size", "2", "--val-size", "2", n=8)
     (root / "afile").write_text("not a folder")
     return {"root": root, "photos": photos, "cache": cache, "file": root / "afile"}
 

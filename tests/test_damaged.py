@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FAST, make_photos
+from conftest import FAST, fitted_cache
 from featkit.cli import app
 from featkit.store import FeatureStore, cache_file
 
@@ -22,13 +22,7 @@ from featkit.store import FeatureStore, cache_file
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("damaged")
-    photos = make_photos(root / "photos", n=12)
-    cache = root / "cache"
-    runner = CliRunner()
-    r = runner.invoke(app, ["extract", str(photos), "--cache", str(cache), *FAST])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
-    assert r.exit_code == 0, r.output
+    photos, cache = fitted_cache(root, n=12)
     return {"root": root, "photos": photos, "cache": cache}
 
 

@@ -14,7 +14,7 @@ closing note of the robustness work reports. ``FEATKIT_KILLS`` scales the counts
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
 import random
 import signal
@@ -31,11 +31,27 @@ from conftest import FAST, REPO, make_photos
 
 SCALE = float(os.environ.get("FEATKIT_KILLS", "1"))
 
-# A child that appends deterministic batches to a store as extract does, forever (until killed).
-STORE_WRITER = textwrap.dedent(
+def expected(i: int) -> tuple[dict[str, str], "np.ndarray"]:
+    """Photo ``i`` as the store writer below stores it: its row and its features (the writer runs this very
+    function's source, so what is written and what is checked cannot drift apart)."""
+    import numpy as np
+
+    row = {
+        "photo_id": f"p{i:06d}",
+        "city": ("Paris", "Tōkyō", "New York|x")[i % 3],
+        "split": ("train", "val", "test")[i % 3],
+        "path": f"/photos/{'é' * (i % 7)}/{i}.jpg",
+        "owner": f"owner{i % 13}" if i % 5 else "",
+    }
+    return row, (np.arange(96, dtype=np.float32) * (i % 97) / 97.0 + i % 5).astype(np.float16)
+
+
+# A child that appends deterministic batches to a store as extract does, forever (until killed);
+# photo i is failed when i % 11 == 0, else stored as expected(i).
+STORE_WRITER = inspect.getsource(expected) + textwrap.dedent(
     """
     import sys, numpy as np
-    from featkit.store import FeatureStore
+    from featkit.store import FeatureStore, ROW_FIELDS
     path, seed = sys.argv[1], int(sys.argv[2])
     ident = {"arch": "test", "feature_dim": 96, "dtype": "float16", "image_size": 32, "pooling": "flatten", "weights_sha256": "x"}
     rng = np.random.default_rng(seed)
@@ -45,30 +61,19 @@ STORE_WRITER = textwrap.dedent(
         while True:
             k = int(rng.integers(1, 40))
             ids = list(range(n, n + k))
-            good = [i for i in ids if i % 11]
+            good = [expected(i) for i in ids if i % 11]
             bad = [i for i in ids if not i % 11]
-            rows = {
-                "photo_id": [f"p{i:06d}" for i in good],
-                "city": [("Paris", "Tōkyō", "New York|x")[i % 3] for i in good],
-                "split": [("train", "val", "test")[i % 3] for i in good],
-                "path": [f"/photos/{'é' * (i % 7)}/{i}.jpg" for i in good],
-                "owner": [f"owner{i % 13}" if i % 5 else "" for i in good],
-            }
-            X = np.stack([expected_row(i) for i in good]) if good else np.zeros((0, 96), np.float16)
+            rows = {name: [row[name] for row, _ in good] for name in ROW_FIELDS}
+            X = np.stack([x for _, x in good]) if good else np.zeros((0, 96), np.float16)
             store.append(rows, X, [(f"p{i:06d}", f"/photos/{i}.jpg", f"reason {i}") for i in bad])
             n += k
     """
 )
-EXPECTED_ROW = "def expected_row(i):\n    return (np.arange(96, dtype=np.float32) * (i % 97) / 97.0 + i % 5).astype(np.float16)\n"
-
-
-def expected_row(i: int) -> np.ndarray:
-    return (np.arange(96, dtype=np.float32) * (i % 97) / 97.0 + i % 5).astype(np.float16)
 
 
 def _check_store(path: Path) -> int:
     """The committed part of a killed store: readable, checksums intact, every row as written, each photo once."""
-    from featkit.store import FeatureStore
+    from featkit.store import ROW_FIELDS, FeatureStore
 
     with FeatureStore.open(path) as store:
         d = store.verify()
@@ -77,11 +82,11 @@ def _check_store(path: Path) -> int:
         assert len(set(ids)) == len(ids) == store.n_rows
         idx = np.array([int(p[1:]) for p in ids], dtype=np.int64)
         assert np.array_equal(idx, np.sort(idx))
+        want = [expected(i) for i in idx]
         X = store.read_features(np.arange(store.n_rows), dtype=np.float16)
-        assert np.array_equal(X, np.stack([expected_row(i) for i in idx]) if len(idx) else X)
-        assert list(store.column("city")) == [("Paris", "Tōkyō", "New York|x")[i % 3] for i in idx]
-        assert list(store.column("split")) == [("train", "val", "test")[i % 3] for i in idx]
-        assert list(store.column("path")) == [f"/photos/{'é' * (i % 7)}/{i}.jpg" for i in idx]
+        assert np.array_equal(X, np.stack([x for _, x in want]) if want else X)
+        for name in ROW_FIELDS:
+            assert list(store.column(name)) == [row[name] for row, _ in want], name
         failed = [int(r["photo_id"][1:]) for r in store.failed()]
         assert all(i % 11 == 0 for i in failed) and not set(failed) & set(idx.tolist())
         # every photo below the highest one handled is either stored or failed: none lost
@@ -93,11 +98,10 @@ def _check_store(path: Path) -> int:
 def _kill_store_writer(path: Path, kills: int, seed: int) -> dict:
     rnd = random.Random(seed)
     script = path.with_name("writer.py")
-    script.write_text("import numpy as np\n" + EXPECTED_ROW + STORE_WRITER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script.write_text(STORE_WRITER)
     survived = 0
     for k in range(kills):
-        proc = subprocess.Popen([sys.executable, str(script), str(path), str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen([sys.executable, str(script), str(path), str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
         assert proc.stdout.readline().strip() == b"open", proc.stderr.read().decode()
         time.sleep(rnd.uniform(0.0, 0.25))
         proc.send_signal(signal.SIGKILL)
@@ -124,9 +128,12 @@ def test_store_survives_hundreds_of_sigkills(tmp_path):
 
 # --------------------------------------------------------------------------- featkit extract, killed in a chain
 
-def _featkit(*args, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "featkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw)
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the checkout's featkit, one thread
+FIT = ["fit", "--head", "logreg,svm,mlp", "--epochs", "3", "--no-progress"]
+
+
+def _featkit(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "featkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
 
 
 def _extract_args(photos: Path, cache: Path) -> list[str]:
@@ -134,8 +141,7 @@ def _extract_args(photos: Path, cache: Path) -> list[str]:
 
 
 def _run(args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "featkit", *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "featkit", *args], capture_output=True, text=True, env=ENV, timeout=600)
 
 
 def _cache_state(cache: Path):
@@ -156,7 +162,7 @@ def _kill_extract_chain(tmp_path: Path, kills: int, seed: int) -> dict:
     assert r.returncode == 0, r.stderr
     cache = tmp_path / "cache"
     rnd = random.Random(seed)
-    started, landed = [0], 0
+    started = landed = 0
     for _ in range(kills):
         proc = _featkit(*_extract_args(photos, cache))
         # kill once the run is under way: after the cache exists, at a random moment of its writes
@@ -167,7 +173,7 @@ def _kill_extract_chain(tmp_path: Path, kills: int, seed: int) -> dict:
         landed += proc.poll() is None  # still running: the kill cut it short
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        started[0] += 1
+        started += 1
         if (cache / "features.h5").exists():
             _cache_state(cache)  # committed rows readable after every kill
     r = _run(_extract_args(photos, cache))
@@ -175,7 +181,7 @@ def _kill_extract_chain(tmp_path: Path, kills: int, seed: int) -> dict:
     got, want = _cache_state(cache), _cache_state(ref)
     assert got[0] == want[0] and got[2] == want[2] == ["Paris/broken.jpg"]
     assert np.array_equal(got[1], want[1])  # bit-equal features (CPU)
-    return {"kills": started[0], "landed": landed}
+    return {"kills": started, "landed": landed}
 
 
 def test_extract_survives_a_kill_chain(tmp_path):
@@ -203,7 +209,7 @@ def _kill_fit(tmp_path: Path, kills: int, seed: int) -> dict:
     rnd = random.Random(seed)
     loaded = landed = 0
     for _ in range(kills):
-        proc = _featkit("fit", "--cache", str(cache), "--head", "logreg,svm,mlp", "--epochs", "3", "--no-progress")
+        proc = _featkit(*FIT, "--cache", str(cache))
         time.sleep(rnd.uniform(0.5, 6.0))
         landed += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
@@ -215,7 +221,7 @@ def _kill_fit(tmp_path: Path, kills: int, seed: int) -> dict:
                 loaded += 1
         leftovers = [p.name for p in (cache / "heads").glob("*") if p.suffix == ".joblib" and p not in [q for v in fitted.values() for q in v]]
         assert not leftovers, leftovers
-    r = _run(["fit", "--cache", str(cache), "--head", "logreg,svm,mlp", "--epochs", "3", "--no-progress"])
+    r = _run([*FIT, "--cache", str(cache)])
     assert r.returncode == 0, r.stderr
     assert "warning" not in r.stderr
     return {"kills": kills, "landed": landed, "heads_loaded": loaded}
