@@ -89,6 +89,22 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Each distinct warning once, after the command: featkit's own as one plain ``warning:`` line, others
+    as Python formats them (file, line, category). Written here, not by ``warnings.showwarning``, which
+    whoever called the command (a test runner, a notebook) may have replaced with a recorder of its own."""
+    seen: set[tuple] = set()
+    for w in caught:
+        key = (w.category, str(w.message), w.filename, w.lineno)
+        if key in seen:
+            continue
+        seen.add(key)
+        if issubclass(w.category, (UntrustedHeadWarning, PhotoSourceWarning)):
+            typer.echo(f"warning: {w.message}", err=True)
+        else:
+            typer.echo(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line).rstrip(), err=True)
+
+
 def clean_errors(fn):
     """User mistakes and interruptions end with one line on stderr and a non-zero exit, never a traceback.
 
@@ -98,15 +114,15 @@ def clean_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with warnings.catch_warnings(record=True) as caught:  # the filters in force still apply
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    for w in caught:  # featkit's own warnings as one plain line each; others as Python shows them
-                        if issubclass(w.category, (UntrustedHeadWarning, PhotoSourceWarning)):
-                            typer.echo(f"warning: {w.message}", err=True)
-                        else:
-                            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            caught: list[warnings.WarningMessage] = []
+            try:
+                with warnings.catch_warnings(record=True) as recorded:  # the filters in force still apply
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        caught = list(recorded)
+            finally:  # shown only once recording has ended: shown inside it, each would be recorded again, for ever
+                show_warnings(caught)
         except FeatkitError as e:
             msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, whatever the library said
             if e.param:
