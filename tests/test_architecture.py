@@ -14,8 +14,20 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "featkit"
 
 
+def _name(p: Path) -> str:
+    """``featkit/cache/lock.py`` -> ``featkit.cache.lock``; a package's ``__init__.py`` is the package."""
+    parts = p.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _modules() -> dict[str, ast.Module]:
-    return {f"featkit.{p.stem}": ast.parse(p.read_text(), str(p)) for p in sorted(PKG.glob("*.py")) if p.stem != "__init__"}
+    """Every module of the package, subpackages included (not the top-level ``featkit/__init__.py``)."""
+    return {_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PKG.rglob("*.py")) if p != PKG / "__init__.py"}
+
+
+def _is_module(name: str) -> bool:
+    path = PKG.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
@@ -23,9 +35,10 @@ def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featkit"):
-            if node.module == "featkit":  # from featkit import api, __version__
-                for a in node.names:
-                    out.append((f"featkit.{a.name}" if (PKG / f"{a.name}.py").exists() else "featkit", [] if (PKG / f"{a.name}.py").exists() else [a.name]))
+            if node.module == "featkit" or _is_module(node.module) and any(_is_module(f"{node.module}.{a.name}") for a in node.names):
+                for a in node.names:  # from featkit import api, __version__; from featkit.cache import lock
+                    sub = f"{node.module}.{a.name}"
+                    out.append((sub, []) if _is_module(sub) else (node.module, [a.name]))
             else:
                 out.append((node.module, [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
