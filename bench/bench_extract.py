@@ -125,7 +125,8 @@ def plain_extract(photos, net, spec, cache: Path, options):
     """(plain) extract_features as it was before the writer thread: the same parts, each batch written in the caller."""
     from featkit.devices import resolve_device
     from featkit.extraction import ExtractSummary, feature_batches, plan, write_batches
-    from featkit.store import FeatureStore, cache_identity
+    from featkit.cache.identity import cache_identity
+    from featkit.cache.store import FeatureStore
 
     dev = resolve_device(options.device)
     with FeatureStore.open_for_append(cache, cache_identity(spec, options.dtype), overwrite=options.overwrite) as store:
@@ -188,7 +189,7 @@ def load(args, arch: str, weights):
 def bench_one(args, net, spec, photos, variants, dev, workers, root: Path) -> dict:
     """Seconds of each variant for one backbone (median over --repeats)."""
     from featkit.images import load_image
-    from featkit.store import cache_file
+    from featkit.cache.names import cache_file
 
     n = len(photos)
     images = torch.stack([load_image(photos[i % n].path, spec.image_size, spec.interpolation) for i in range(args.batch_size)])

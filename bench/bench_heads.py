@@ -64,7 +64,7 @@ def parse_args(argv=None):
 def build_cache(path: Path, n_rows: int, identity: dict, seed: int, block_rows: int = 1024) -> float:
     """Write ``n_rows`` ReLU-like float16 rows with a weak city signal; returns seconds taken."""
     from featkit.provenance import provenance
-    from featkit.store import FeatureStore
+    from featkit.cache.store import FeatureStore
 
     dim = int(identity["feature_dim"])
     rng = np.random.default_rng(seed)
@@ -95,7 +95,7 @@ def build_cache(path: Path, n_rows: int, identity: dict, seed: int, block_rows: 
 
 
 def existing_rows(path: Path, dim: int) -> int:
-    from featkit.store import FeatureStore
+    from featkit.cache.store import FeatureStore
 
     if not path.exists():
         return -1
@@ -146,7 +146,7 @@ def child_fit(cache_dir: Path, head: str, out_json: Path, args) -> None:
 
     if head == BASELINE:  # what the interpreter and featkit's imports alone hold
         import featkit.heads  # noqa: F401
-        import featkit.store  # noqa: F401
+        import featkit.cache.store  # noqa: F401
 
         out_json.write_text(json.dumps({"head": BASELINE, "vmhwm_bytes": vm_hwm()}))
         return
@@ -214,7 +214,8 @@ def main(argv=None) -> None:
     from featkit.backbones import load_backbone
     from featkit.devices import resolve_device
     from featkit.errors import FeatkitError
-    from featkit.store import CACHE_FILE, cache_identity
+    from featkit.cache.identity import cache_identity
+    from featkit.cache.names import CACHE_FILE
     from featkit.training import resolve_heads
 
     try:

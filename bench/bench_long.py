@@ -240,7 +240,7 @@ def part_extract(a, work: Path) -> dict:
                                                     log=work / "extract.log", progress_stream=True)
     if rc != 0:
         die(f"featkit extract exited {rc}:\n{output[-2000:]}\n{errors[-2000:]}")
-    from featkit.store import FeatureStore
+    from featkit.cache.store import FeatureStore
 
     h5 = sorted(cache.glob("features*.h5"))
     if len(h5) != 1:

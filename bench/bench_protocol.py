@@ -119,7 +119,7 @@ def featkit_protocol(photos, net, spec, cache_dir: Path, args) -> dict:
     """featkit's way: extract once, then fit the MLP head on the cache for the same epochs."""
     from featkit.extraction import extract_features
     from featkit.options import ExtractOptions
-    from featkit.store import cache_file
+    from featkit.cache.names import cache_file
     from featkit.training import fit_heads
 
     options = ExtractOptions(device=args.device, batch_size=args.extract_batch_size, workers=args.workers, seed=args.seed,

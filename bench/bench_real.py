@@ -107,7 +107,9 @@ def derive_vgg16_avg(cache: Path) -> Path:
     from dataclasses import replace
 
     from featkit.provenance import provenance
-    from featkit.store import ROW_FIELDS, FeatureStore, cache_file
+    from featkit.cache.format import ROW_FIELDS
+    from featkit.cache.names import cache_file
+    from featkit.cache.store import FeatureStore
 
     src_path = cache_file(cache)
     with FeatureStore.open(src_path) as src:
@@ -135,7 +137,8 @@ def run_set(name: str, args) -> list[dict]:
     import featkit
     from featkit.evaluate import evaluate_heads
     from featkit.metrics import evaluate_predictions, paired_comparison
-    from featkit.store import FeatureStore, cache_file
+    from featkit.cache.names import cache_file
+    from featkit.cache.store import FeatureStore
 
     photos, cache = args.data / name, args.work / name
     weights_for = dict(w.split("=", 1) for w in args.weights_for)

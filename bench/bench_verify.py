@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featkit.store import FeatureStore
+from featkit.cache.store import FeatureStore
 
 
 def build(path: Path, rows: int, dim: int, batch: int = 64) -> None:

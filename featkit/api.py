@@ -42,7 +42,7 @@ def extract(
     from featkit.distributed import extract_distributed, torchrun_env
     from featkit.extraction import extract_features, shared_split
     from featkit.manifest import scan_photos
-    from featkit.store import cache_file
+    from featkit.cache.names import cache_file
     from featkit.validate import ensure_writable_dir
 
     backbone, options = _split_overrides(backbone_options, options, overrides)
@@ -57,7 +57,7 @@ def extract(
     shared_split(path, options)  # another protocol than the other backbones' is refused before anything is written
     repaired = 0
     if options.repair and not options.overwrite and path.exists():
-        from featkit.store import verify_cache
+        from featkit.cache.store import verify_cache
 
         repaired = verify_cache(path, repair=True)[1]  # damaged rows dropped here are extracted again below
     source = weights_source(backbone.weights)  # recorded in the cache, so `predict` finds the same weights
@@ -74,7 +74,8 @@ def verify(cache_dir: str | Path = "cache", *, backbone: str | None = None, repa
     """Check every backbone's cache file through (each batch's checksum, finite features, split codes, unique
     photo ids); with ``repair``, drop the rows that fail so the next ``extract`` extracts them again. Returns one
     ``(Damage, rows_dropped)`` per file; damage that only a rebuild mends raises :class:`~featkit.errors.FeatkitError`."""
-    from featkit.store import cache_file, resolve_backbones, verify_cache
+    from featkit.cache.names import cache_file, resolve_backbones
+    from featkit.cache.store import verify_cache
 
     return [verify_cache(cache_file(cache_dir, k), repair=repair) for k in resolve_backbones(cache_dir, backbone)]
 
@@ -106,7 +107,8 @@ def split(
     from contextlib import ExitStack
 
     from featkit.extraction import resplit
-    from featkit.store import FeatureStore, cache_file, resolve_backbones
+    from featkit.cache.names import cache_file, resolve_backbones
+    from featkit.cache.store import FeatureStore
 
     from featkit.validate import require_cache
 

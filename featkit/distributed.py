@@ -26,7 +26,7 @@ messages (which photos are done, counts, errors), never features.
    deterministic, so they agree) and takes every ``world_size``-th photo, from
    its own rank on, of the sorted photos not yet in the cache.
 3. Each rank writes its photos to ``<cache>.rank<k>-of-<n>.h5``, a
-   :class:`~featkit.store.FeatureStore` with the cache's identity, committed
+   :class:`~featkit.cache.store.FeatureStore` with the cache's identity, committed
    batch by batch like the cache itself.
 4. Rank 0 copies the shards' committed rows and failures into the cache in
    blocks, each block committed, skipping photo ids already there, and deletes a
@@ -53,9 +53,10 @@ from featkit.errors import FeatkitError
 from featkit.extraction import ExtractSummary, default_workers, extraction_provenance, feature_batches, plan, progress_bar, write_batches
 from featkit.manifest import Photo
 from featkit.options import ExtractOptions
-from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, check_identity, lock_file, shard_files, shard_path
-
-# Long, because the other ranks wait while rank 0 copies a killed run's shards
+from featkit.cache.format import ROW_FIELDS
+from featkit.cache.identity import cache_identity, check_identity
+from featkit.cache.names import FAILED_CSV, lock_file, shard_files, shard_path
+from featkit.cache.store import FeatureStore
 # into the cache; a rank that dies is noticed by torchrun, not by this timeout.
 GROUP_TIMEOUT = datetime.timedelta(hours=12)
 

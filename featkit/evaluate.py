@@ -13,26 +13,14 @@ import numpy as np
 from featkit import __version__
 from featkit.cities import city_coordinates
 from featkit.errors import FeatkitError
-from featkit.heads import load_head, trusted_heads, warn_ignored
-from featkit.leaks import HASH_CACHE, SplitPhoto, split_leaks
+from featkit.leaks import SplitPhoto, split_leaks
 from featkit.metrics import evaluate_predictions, geographic_error, rank_heads
 from featkit.provenance import provenance
 from featkit.splits import split_counts
-from featkit.store import DEFAULT_KEY, FeatureStore, backbone_keys, cache_file, check_identity, heads_dir, resolve_backbones
-
-
-def fitted_head_files(cache_dir: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
-    """The head files featkit's fit wrote for each backbone of a cache (``{key: files}``, backbones without
-    any left out), and the other ``*.joblib`` files found beside them, which are warned about once and
-    never unpickled."""
-    fitted, ignored = {}, []
-    for key in backbone_keys(cache_dir):
-        trusted, untrusted = trusted_heads(heads_dir(cache_dir, key))
-        ignored += untrusted
-        if trusted:
-            fitted[key] = trusted
-    warn_ignored(ignored)  # planted, stale or edited files
-    return fitted, ignored
+from featkit.cache.identity import check_identity
+from featkit.cache.names import DEFAULT_KEY, HASH_CACHE, backbone_keys, cache_file, heads_dir, resolve_backbones
+from featkit.cache.shelf import fitted_head_files, load_head
+from featkit.cache.store import FeatureStore
 
 
 def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, leaks: bool = True) -> dict:

@@ -11,7 +11,7 @@ The engine has two public parts that know nothing of each other:
   the last one's features (float16 when the cache is) are copied back, and an
   out-of-memory error halves the batch instead of ending the run. It knows
   nothing about the store.
-- :func:`write_batches` appends those batches to a :class:`~featkit.store.FeatureStore`
+- :func:`write_batches` appends those batches to a :class:`~featkit.cache.store.FeatureStore`
   from a writer thread fed by a bounded queue, committing each batch before the
   next, so the slowest stage (decode, forward, write) sets the pace and a killed
   run resumes where it stopped.
@@ -48,7 +48,10 @@ from featkit.manifest import Photo, path_text
 from featkit.options import DECODES, EXTRACT, ExtractOptions
 from featkit.provenance import provenance
 from featkit.splits import assign_splits, split_counts
-from featkit.store import FAILED_CSV, ROW_FIELDS, FeatureStore, cache_identity, file_signature, shared_splits
+from featkit.cache.format import ROW_FIELDS
+from featkit.cache.identity import cache_identity
+from featkit.cache.names import FAILED_CSV
+from featkit.cache.store import FeatureStore, file_signature, shared_splits
 
 
 class _PhotoDataset(torch.utils.data.Dataset):
@@ -619,12 +622,12 @@ def plan(
 
     Photos already handled are left alone: those stored, and those recorded as failed unless
     ``options.retry_failed`` or their file changed since it failed (size or modification time:
-    :func:`~featkit.store.file_signature`; counted in ``summary.n_retried``). Every other photo is first looked at cheaply (:func:`check_photos`: the file,
+    :func:`~featkit.cache.store.file_signature`; counted in ``summary.n_retried``). Every other photo is first looked at cheaply (:func:`check_photos`: the file,
     its header, its pixel count, and whether it is the same file as another photo); those that fail are
     recorded in ``store`` now, with their reason, and counted in ``summary.n_skipped``. Only then are the
     splits assigned, over the photos stored or to extract, so an unreadable photo never takes a place in a
     test or val quota. Photos already cached keep their split; so do photos another backbone of the same
-    cache folder holds (:func:`featkit.store.shared_splits`), so every backbone is tested on the same photos.
+    cache folder holds (:func:`featkit.cache.store.shared_splits`), so every backbone is tested on the same photos.
     """
     check_split_protocol(store, options)
     shared = shared_split(store.path, options)

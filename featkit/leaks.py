@@ -27,7 +27,6 @@ from featkit.atomic import atomic_write
 from featkit.images import dhash
 
 NEAR_DUP_BITS = 4  # stricter than the downloader's 6: here a hit is reported as a leak, so it should be a real one
-HASH_CACHE = "dhash.json"
 MAX_LISTED = 25  # leaks named in the report; all are counted
 
 

@@ -33,11 +33,12 @@ from featkit.backbones import RANDOM_SOURCE, TORCHVISION_SOURCE, load_backbone
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
 from featkit.extraction import default_workers, feature_batches
-from featkit.evaluate import fitted_head_files
-from featkit.heads import load_head
 from featkit.manifest import IMAGE_SUFFIXES, Photo, path_text, walk_images
 from featkit.options import EXTRACT, PREDICT
-from featkit.store import FeatureStore, cache_file, cache_identity, check_identity, heads_dir
+from featkit.cache.identity import cache_identity, check_identity
+from featkit.cache.names import cache_file, heads_dir
+from featkit.cache.shelf import choose_head
+from featkit.cache.store import FeatureStore
 from featkit.validate import check_int, check_seed, check_workers, require_cache
 
 CSV_COLUMNS = ("source", "rank", "city", "probability", "error")
@@ -87,38 +88,6 @@ def check_top(top: int) -> None:
 def _check_batching(batch_size: int, workers: int | None) -> None:
     check_int("batch_size", batch_size, low=1)
     check_workers(workers)
-
-
-# -- which head ------------------------------------------------------------------------------
-def fitted_heads(cache_dir: str | Path) -> dict[str, tuple[str, Path]]:
-    """``{name: (backbone key, file)}`` of the heads fitted on a cache. Names are ``mlp`` when the cache has
-    heads of one backbone only, else ``<backbone>/mlp`` (as in the report)."""
-    fitted, _ = fitted_head_files(cache_dir)
-    found = {(key, p.stem): p for key, files in fitted.items() for p in files}
-    several = len({k for k, _ in found}) > 1
-    return {(f"{k}/{h}" if several else h): (k, p) for (k, h), p in found.items()}
-
-
-def choose_head(cache_dir: str | Path, head: str | None = None) -> tuple[str, str, Path, object, dict]:
-    """``(name, backbone key, file, estimator, record)`` of the named head (``mlp``, or ``<backbone>/mlp``
-    when the cache holds several backbones), or with ``head=None`` of the one with the best validation
-    accuracy (its record's ``val_score``; the first by name on a tie)."""
-    heads = fitted_heads(cache_dir)
-    if not heads:
-        raise FeatkitError(f"no fitted heads in {heads_dir(cache_dir)}; run `featkit fit` first (and `featkit extract` before it)")
-    if head is not None:
-        if head not in heads:
-            raise FeatkitError(f"no fitted head {head!r} in {heads_dir(cache_dir)}; fitted: {', '.join(heads)}", param="head")
-        key, path = heads[head]
-        return (head, key, path, *load_head(path))
-    best = None
-    for name, (key, path) in heads.items():
-        est, rec = load_head(path)
-        score = rec.get("val_score")
-        score = float("-inf") if score is None else float(score)
-        if best is None or score > best[0]:
-            best = (score, name, key, path, est, rec)
-    return best[1:]
 
 
 # -- which weights ---------------------------------------------------------------------------

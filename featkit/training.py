@@ -13,9 +13,11 @@ from typing import Callable
 
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-from featkit.heads import HEAD_NAMES, HEADS, can_stream, make_head, save_head
+from featkit.heads import HEAD_NAMES, HEADS, can_stream, make_head
+from featkit.cache.shelf import save_head
 from featkit.provenance import provenance
-from featkit.store import FeatureStore, cache_file, heads_dir, resolve_backbones
+from featkit.cache.names import cache_file, heads_dir, resolve_backbones
+from featkit.cache.store import FeatureStore
 from featkit.validate import check_choice, check_head_params, check_int, check_seed, ensure_writable_dir, require_cache
 
 STREAM_CHOICES = ("auto", "yes", "no")

@@ -351,7 +351,8 @@ def test_non_square_specs_round_trip_and_identify_other_features_than_the_square
 
 
 def test_extract_fit_and_predict_at_w_by_h_beside_a_square_extraction(tmp_path):
-    from featkit.store import FeatureStore, backbone_keys, cache_file, heads_dir
+    from featkit.cache.names import backbone_keys, cache_file, heads_dir
+    from featkit.cache.store import FeatureStore
 
     photos = make_photos(tmp_path / "photos", n=8, size=(80, 57))
     cache = tmp_path / "cache"
@@ -372,7 +373,7 @@ def test_extract_fit_and_predict_at_w_by_h_beside_a_square_extraction(tmp_path):
     files = sorted((photos / "Venice").glob("*.jpg"))[:3]
     preds = featkit.predict(files, cache, head=f"{key}/logreg", top=2)
     assert len(preds) == 3 and all(p.error is None and len(p.top) == 2 for p in preds)
-    from featkit.heads import load_head
+    from featkit.cache.shelf import load_head
     from featkit.prediction import Predictor
 
     assert Predictor(cache, f"{key}/logreg").spec.image_size == [96, 64]  # rebuilt at the head's own size
@@ -386,7 +387,7 @@ def test_extract_fit_and_predict_at_w_by_h_beside_a_square_extraction(tmp_path):
 
 def test_cli_image_size_takes_w_by_h_and_names_the_option_in_errors(tmp_path, runner):
     from featkit.cli import app
-    from featkit.store import backbone_keys
+    from featkit.cache.names import backbone_keys
 
     photos = make_photos(tmp_path / "photos", n=6, size=(64, 48))
     cache = tmp_path / "cache"

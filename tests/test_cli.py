@@ -11,7 +11,7 @@ import torch
 from featkit.cli import app
 from conftest import FAST, make_photos
 from featkit.splits import split_counts
-from featkit.store import FeatureStore
+from featkit.cache.store import FeatureStore
 
 
 def run(runner, *args):

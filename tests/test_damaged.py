@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from conftest import FAST, fitted_cache
 from featkit.cli import app
-from featkit.store import FeatureStore, cache_file
+from featkit.cache.names import cache_file
+from featkit.cache.store import FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def bogus_split(p: Path):
 
 def nan_features(p: Path):
     """NaN written into a committed row and its batch checksum forged to match: only the finiteness check can tell."""
-    from featkit.store import TEXT_FIELDS, _crc, _Text
+    from featkit.cache.format import crc, TEXT_FIELDS, TextColumn
 
     row = _features_in_test_split(p)
     with h5py.File(p, "a") as f:
@@ -97,8 +98,8 @@ def nan_features(p: Path):
         x = f["features"][row]
         x[:5] = np.nan
         f["features"][row] = x
-        raw = [_Text(f["text"][name]).read_raw(lo, hi)[0] for name in TEXT_FIELDS]
-        f["batches/crc"][b] = _crc(f["features"][lo:hi], raw)
+        raw = [TextColumn(f["text"][name]).read_raw(lo, hi)[0] for name in TEXT_FIELDS]
+        f["batches/crc"][b] = crc(f["features"][lo:hi], raw)
 
 
 def unknown_format(p: Path):
@@ -250,11 +251,11 @@ def test_first_layout_cache_is_read_and_upgraded(cache):
 def test_overwrite_waits_for_no_one_it_refuses_while_another_process_writes(built, cache):
     """`extract --overwrite` while another extract holds the cache: refused, the cache untouched (it used to
     delete the file under the other process, which went on writing into a deleted file and exited 0)."""
-    from featkit.store import _WriterLock
+    from featkit.cache.store import writer_lock
 
     path = cache_file(cache)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    lock = _WriterLock(path)  # what a running extract holds
+    lock = writer_lock(path)  # what a running extract holds
     try:
         r = CliRunner().invoke(app, ["extract", str(built["photos"]), "--cache", str(cache), *FAST, "--overwrite"])
         _one_error_line(r, path, "being written by another process")

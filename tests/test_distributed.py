@@ -18,11 +18,11 @@ from conftest import FAST, make_photos
 from featkit.backbones import load_backbone
 from featkit.distributed import Ranks, extract_distributed, join_shards
 from featkit.options import ExtractOptions
-from featkit.store import shard_files, shard_path
+from featkit.cache.names import shard_files, shard_path
 from featkit.errors import FeatkitError
 from featkit.extraction import extract_features
 from featkit.manifest import scan_photos
-from featkit.store import FeatureStore
+from featkit.cache.store import FeatureStore
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 ONE_RANK = Ranks(rank=0, local_rank=0, world_size=1)

@@ -27,7 +27,8 @@ from featkit.extraction import (
 from featkit.images import load_image
 from featkit.manifest import Photo, scan_photos
 from featkit.options import ExtractOptions
-from featkit.store import FeatureStore, cache_identity
+from featkit.cache.identity import cache_identity
+from featkit.cache.store import FeatureStore
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

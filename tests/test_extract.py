@@ -19,7 +19,7 @@ from featkit.extraction import extract_features
 from featkit.images import UnreadableImage, load_image
 from featkit.manifest import scan_photos
 from featkit.options import ExtractOptions
-from featkit.store import FeatureStore
+from featkit.cache.store import FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ KILLER = textwrap.dedent(
     from featkit.extraction import extract_features
     from featkit.manifest import scan_photos
     from featkit.options import ExtractOptions
-    from featkit.store import FeatureStore
+    from featkit.cache.store import FeatureStore
 
     root, cache, when, after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     calls = {"n": 0}

@@ -51,7 +51,8 @@ def expected(i: int) -> tuple[dict[str, str], "np.ndarray"]:
 STORE_WRITER = inspect.getsource(expected) + textwrap.dedent(
     """
     import sys, numpy as np
-    from featkit.store import FeatureStore, ROW_FIELDS
+    from featkit.cache.format import ROW_FIELDS
+    from featkit.cache.store import FeatureStore
     path, seed = sys.argv[1], int(sys.argv[2])
     ident = {"arch": "test", "feature_dim": 96, "dtype": "float16", "image_size": 32, "pooling": "flatten", "weights_sha256": "x"}
     rng = np.random.default_rng(seed)
@@ -73,7 +74,8 @@ STORE_WRITER = inspect.getsource(expected) + textwrap.dedent(
 
 def _check_store(path: Path) -> int:
     """The committed part of a killed store: readable, checksums intact, every row as written, each photo once."""
-    from featkit.store import ROW_FIELDS, FeatureStore
+    from featkit.cache.format import ROW_FIELDS
+    from featkit.cache.store import FeatureStore
 
     with FeatureStore.open(path) as store:
         d = store.verify()
@@ -145,7 +147,8 @@ def _run(args) -> subprocess.CompletedProcess:
 
 
 def _cache_state(cache: Path):
-    from featkit.store import FeatureStore, cache_file
+    from featkit.cache.names import cache_file
+    from featkit.cache.store import FeatureStore
 
     with FeatureStore.open(cache_file(cache)) as s:
         assert s.verify().ok
@@ -200,8 +203,8 @@ def test_extract_survives_a_long_kill_chain(tmp_path):
 # --------------------------------------------------------------------------- featkit fit, killed while saving heads
 
 def _kill_fit(tmp_path: Path, kills: int, seed: int) -> dict:
-    from featkit.evaluate import fitted_head_files
-    from featkit.heads import load_head
+    from featkit.cache.shelf import fitted_head_files
+    from featkit.cache.shelf import load_head
 
     photos = make_photos(tmp_path / "photos", n=16)
     cache = tmp_path / "cache"

@@ -13,7 +13,8 @@ import featkit
 from conftest import FAST, make_photos
 from featkit.cli import app
 from featkit.errors import UntrustedHeadWarning
-from featkit.store import FeatureStore, backbone_keys, cache_file, heads_dir
+from featkit.cache.names import backbone_keys, cache_file, heads_dir
+from featkit.cache.store import FeatureStore
 
 SECOND = "timm:tf_efficientnet_lite0"  # mean = std = 0.5 in its config: a family unlike VGG16
 SECOND_KEY = "timm-tf_efficientnet_lite0"
@@ -87,7 +88,7 @@ def test_heads_per_backbone_and_one_comparison_of_every_pair(two_backbones, tmp_
     preds = featkit.predict(files, cache, head=f"{keys[1]}/logreg", top=3)
     assert len(preds) == 3 and all(p.error is None and len(p.top) == 3 for p in preds)
     # the same numbers the head saw in the cache (this backbone resizes bicubic, as its config says)
-    from featkit.heads import load_head
+    from featkit.cache.shelf import load_head
 
     est, _ = load_head(heads_dir(cache, keys[1]) / "logreg.joblib")
     with FeatureStore.open(cache_file(cache, keys[1])) as store:

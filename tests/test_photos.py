@@ -23,7 +23,7 @@ from featkit.errors import FeatkitError, PhotoSourceWarning
 from featkit.images import UnreadableImage, check_image_file, decoded_size, dhash, load_image, memory_image_tensor
 from featkit.manifest import read_manifest, scan_photos, walk_images
 from featkit.splits import assign_splits
-from featkit.store import FeatureStore
+from featkit.cache.store import FeatureStore
 
 SUMMARY = re.compile(r"(\d+) extracted, (\d+) skipped.*?; (\d+) already cached; cache holds (\d+) photos")
 

@@ -21,11 +21,12 @@ from featkit.backbones import BackboneSpec, load_backbone
 from featkit.cli import app
 from featkit.errors import FeatkitError
 from featkit.extraction import extraction_provenance
-from featkit.heads import load_head
+from featkit.cache.shelf import load_head
 from featkit.options import ExtractOptions
 from featkit.photogen import render_array, render_jpeg, write_photos
 from featkit.prediction import Prediction, Predictor
-from featkit.store import FeatureStore, cache_file, heads_dir
+from featkit.cache.names import cache_file, heads_dir
+from featkit.cache.store import FeatureStore
 
 SIZE = 32
 CITIES = ("Paris", "Tokyo", "Venice")

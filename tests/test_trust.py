@@ -12,8 +12,9 @@ import featkit
 from conftest import make_photos
 from featkit.cli import app
 from featkit.errors import UntrustedHeadWarning
-from featkit.heads import HEADS_MANIFEST, load_head, trusted_heads
-from featkit.store import heads_dir
+from featkit.cache.names import HEADS_MANIFEST
+from featkit.cache.shelf import load_head, trusted_heads
+from featkit.cache.names import heads_dir
 
 
 class _Payload:
@@ -95,7 +96,7 @@ def test_concurrent_saves_keep_every_manifest_entry(tmp_path):
     from conftest import REPO
 
     code = (
-        "import sys; from sklearn.dummy import DummyClassifier; from featkit.heads import save_head\n"
+        "import sys; from sklearn.dummy import DummyClassifier; from featkit.cache.shelf import save_head\n"
         "i = int(sys.argv[1]); folder = sys.argv[2]\n"
         "for k in range(5): save_head(f'{folder}/h{i}_{k}.joblib', DummyClassifier(), {'head': f'h{i}_{k}'})\n"
     )
