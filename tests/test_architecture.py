@@ -210,3 +210,55 @@ def test_download_defaults_are_the_librarys():
     lib = inspect.signature(download_photos).parameters
     for name, value in defaults(DownloadOptions).items():
         assert cli_defaults[name] == value == lib[name].default, name
+
+
+def _cache_names() -> set[str]:
+    """The file and folder names featkit.cache.names defines (module-level string constants)."""
+    tree = _modules()["featkit.cache.names"]
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            if all(isinstance(t, ast.Name) and t.id.isupper() and not t.id.startswith("_") for t in node.targets):
+                names.add(node.value.value)
+    return names - {"vgg16"}  # DEFAULT_KEY is a backbone's key, not a file name
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    return {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+
+
+def test_the_cache_folder_has_one_owner():
+    """h5py and fcntl are imported, and a file name under the cache folder is spelt, only in featkit/cache/
+    (docstrings and help text may mention them; code may not build a path from its own spelling)."""
+    names = _cache_names()
+    assert {"features.h5", "failed.csv", "heads", "manifest.json", "dhash.json", ".download.lock"} <= names, names
+    bad = []
+    for m, tree in _modules().items():
+        if m.startswith("featkit.cache"):
+            continue
+        docs = _docstrings(tree)
+        joined = {id(n.right) for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                bad += [f"{m} imports {a.name}" for a in node.names if a.name.split(".")[0] in ("h5py", "fcntl")]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("h5py", "fcntl"):
+                bad.append(f"{m} imports from {node.module}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                # a folder name ("heads", "images") is also a word: flagged where it builds a path (x / "heads")
+                named = node.value in names and ("." in node.value or id(node) in joined)
+                if named or any(node.value.endswith("/" + n) for n in names):
+                    bad.append(f"{m} spells {node.value!r} (line {node.lineno})")
+            elif isinstance(node, ast.JoinedStr):
+                parts = [v.value for v in node.values if isinstance(v, ast.Constant)]
+                if any(p.endswith((".h5", ".joblib")) or p.startswith("features-") for p in parts):
+                    bad.append(f"{m} builds a cache file name (line {node.lineno})")
+    assert not bad, bad
+
+
+def test_no_module_is_over_about_500_lines():
+    sizes = {m: len((PKG.parent / (m.replace(".", "/") + ".py")).read_text().splitlines()) if (PKG.parent / (m.replace(".", "/") + ".py")).exists()
+             else len((PKG.parent / m.replace(".", "/") / "__init__.py").read_text().splitlines()) for m in _modules()}
+    big = {m: n for m, n in sizes.items() if n > 520}
+    assert not big, big

@@ -133,7 +133,7 @@ class TextColumn:
 
 def create_file(path: Path, identity: dict, provenance: dict | None, attrs: dict | None = None) -> None:
     """An empty cache of this layout at ``path`` (synced): what a new cache is renamed from into place, or a rewrite."""
-    f = h5py.File(path, "w")
+    f = h5py.File(path, "w", rdcc_nbytes=0)
     try:
         dim, dtype = int(identity["feature_dim"]), identity["dtype"]
         # About 1 MB per chunk: big enough for fast sequential reads, small enough to shuffle by chunk.
@@ -167,7 +167,10 @@ def create_file(path: Path, identity: dict, provenance: dict | None, attrs: dict
 
 def h5open(path: Path, mode: str) -> h5py.File:
     try:
-        return h5py.File(path, mode)
+        # Writing, no chunk cache: HDF5 writes a cached chunk back when its dataset handle is freed, where an
+        # error (a full disk) is only printed and the batch would be committed anyway; uncached, the write
+        # itself raises, before the commit.
+        return h5py.File(path, mode, rdcc_nbytes=0) if mode != "r" else h5py.File(path, mode)
     except OSError as e:
         if mode != "r" and path.exists() and not os.access(path, os.W_OK):
             raise FeatkitError(f"feature cache {path} is read-only; make it writable (chmod u+w) or copy the cache folder elsewhere") from None

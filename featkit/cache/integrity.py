@@ -172,7 +172,7 @@ def rewrite(store, keep: np.ndarray, *, block_rows: int = 2048) -> None:
     else:  # read the codes as they are: rows with a bad one are among those dropped
         cols["split"] = np.array(SPLIT_CODES)[np.clip(src.f["split"][: src.n_rows], 0, len(SPLIT_CODES) - 1)]
     failed = src.failed()
-    dst = type(store)(tmp, h5py.File(tmp, "a"))
+    dst = type(store)(tmp, h5open(tmp, "a"))
     try:
         for start in range(0, len(keep), block_rows):
             sel = keep[start : start + block_rows]

@@ -368,8 +368,20 @@ class FeatureStore:
         """Write one batch of rows (and failures), then commit it by rewriting the one commit attribute.
 
         A crash before that write leaves the counts at their old values, and the
-        next :meth:`open_for_append` truncates the rows.
+        next :meth:`open_for_append` truncates the rows. A write the disk refuses (full, failing,
+        over a quota) is one line before anything is committed: what was committed before stays.
         """
+        n_before = self.n_rows
+        try:
+            self._write_batch(rows, features, failed)
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else first_line(e)
+            raise FeatkitError(
+                f"cannot write to feature cache {self.path} ({why}); the {n_before} photos committed before are kept: "
+                "free some space (or fix the disk) and rerun the same command to resume"
+            ) from None
+
+    def _write_batch(self, rows: dict[str, list[str]], features: np.ndarray, failed) -> None:
         n, nf, nb = self._commit()
         k = len(features)
         if k:
