@@ -26,6 +26,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a failure to reco
 MAX_PIXELS = 200_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
+# Guard against bombs by the memory their decoding needs, too: a 772 KB RGBA PNG just under MAX_PIXELS took
+# 4.7 GB to decode and composite. Pillow keeps 1 byte a pixel for 1/L/P, 2 for I;16, 4 for every other mode;
+# converting to RGB makes copies (transparent ones composited onto white: four of them, 16-bit ones through
+# float32: three), so a photo is refused, from its header, when its peak would pass MAX_DECODE_BYTES.
+MAX_DECODE_BYTES = 1 << 30
+_PEAK_BYTES_PER_PIXEL = {"one_byte": 1 + 4, "16bit": 2 + 4 + 4 + 1 + 4, "alpha": 4 * 4 + 4, "other": 4 + 4}
+
 # Modes Pillow converts to RGB faithfully; anything else is an "unsupported mode" failure.
 _CONVERTIBLE = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -117,10 +124,37 @@ def _open_within_limit(fp) -> Image.Image:
         raise UnreadableImage(_too_many_pixels(e)) from None
     try:
         check_pixels(im.size)
+        check_decode_memory(im)
     except UnreadableImage:
         im.close()
         raise
     return im
+
+
+def decode_bytes(size: tuple[int, int], mode: str) -> int:
+    """About the most memory decoding an image of ``size`` and ``mode`` and making it RGB takes (bytes)."""
+    w, h = size
+    if mode in ("1", "L", "P"):
+        kind = "one_byte"
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        kind = "16bit"
+    elif mode in _ALPHA:
+        kind = "alpha"
+    else:
+        kind = "other"
+    return w * h * _PEAK_BYTES_PER_PIXEL[kind]
+
+
+def check_decode_memory(im: Image.Image) -> None:
+    """Refuse (:class:`UnreadableImage`), before anything is decoded, an image whose decoding and conversion
+    would need more than :data:`MAX_DECODE_BYTES`. A palette image with transparency is counted as the
+    RGBA it becomes."""
+    mode = "RGBA" if im.mode == "P" and "transparency" in im.info else im.mode
+    need = decode_bytes(im.size, mode)
+    if need > MAX_DECODE_BYTES:
+        w, h = im.size
+        raise UnreadableImage(f"too large to decode: {w} x {h} {im.mode} needs about {need / 2**30:.1f} GiB "
+                              f"(more than {MAX_DECODE_BYTES / 2**30:.0f} GiB)")
 
 
 def check_pixels(size: tuple[int, int]) -> None:
@@ -161,6 +195,7 @@ def image_tensor(im: Image.Image, size: int | tuple[int, int], interpolation: st
     """
     resample = _resample(interpolation)
     check_pixels(im.size)
+    check_decode_memory(im)
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in _ALPHA:
@@ -214,10 +249,12 @@ def _unreadable_on_error():
 def dhash(data: bytes | Image.Image, bits: int = 8) -> int:
     """64-bit difference hash: signs of horizontal gradients of a 9x8 grayscale thumbnail.
 
-    Raises ValueError (among Pillow's errors) for more than :data:`MAX_PIXELS` pixels, before decoding."""
+    Raises ValueError (among Pillow's errors) for more than :data:`MAX_PIXELS` pixels, or more memory than
+    :data:`MAX_DECODE_BYTES`, before decoding."""
     try:
         img = _open_within_limit(io.BytesIO(data)) if isinstance(data, bytes) else data
         check_pixels(img.size)
+        check_decode_memory(img)
     except UnreadableImage as e:
         raise ValueError(str(e)) from None
     if img.format == "JPEG":
