@@ -100,7 +100,7 @@ def _scan_folder(root: Path) -> list[Photo]:
         if not files:
             skipped.append(f"{name}/ (no image files)")
         for path in files:
-            photos.append(Photo(photo_id=path_text(path.relative_to(root).as_posix()), city=name, path=path))
+            photos.append(Photo(photo_id=photo_id_text(path.relative_to(root).as_posix()), city=name, path=path))
     if skipped:
         shown = "; ".join(skipped[:8]) + (f"; and {len(skipped) - 8} more" if len(skipped) > 8 else "")
         warnings.warn(f"skipped in {path_text(root)}: {shown}", PhotoSourceWarning, stacklevel=3)
@@ -168,6 +168,18 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return entry.is_dir()  # follows links
     except OSError:  # a link loop, no permission: not a folder to walk
         return False
+
+
+def photo_id_text(path: str | bytes | os.PathLike) -> str:
+    """A relative path as a photo id: :func:`path_text`, made injective. Bytes that are not UTF-8 are written
+    ``\\xNN`` there, so ``b"bad\\xff.jpg"`` and a file literally named ``bad\\xff.jpg`` would get one id; here
+    a literal backslash is doubled whenever the name holds one, so no two names share an id. Names without a
+    backslash (all but a few) keep :func:`path_text`'s id, so caches built before keep theirs."""
+    raw = os.fsencode(path)
+    if b"\\" not in raw:
+        return raw.decode("utf-8", "backslashreplace")
+    # 0x5C never occurs inside a multi-byte UTF-8 sequence, so splitting on it splits no character
+    return "\\\\".join(part.decode("utf-8", "backslashreplace") for part in raw.split(b"\\"))
 
 
 def path_text(path: str | bytes | os.PathLike) -> str:
