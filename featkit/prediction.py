@@ -211,6 +211,7 @@ class Predictor:
             raise FeatkitError(f"head file {self.head_path} does not record its backbone; refit it with `featkit fit`")
         self.dtype = identity["dtype"]
         self.cities = [str(c) for c in self.head.classes_]
+        self._check_same_cache()
         prov = _cache_provenance(cache_dir, self.key)
         load_weights, load_seed = resolve_weights(cache_dir, weights, seed, prov, self.key)
         self.net, self.spec = load_backbone(
@@ -218,6 +219,22 @@ class Predictor:
             flip=bool(identity.get("flip", False)),
         )
         self._check_backbone(identity, prov, given=weights is not None)
+
+    def _check_same_cache(self) -> None:
+        """Refuse a head that this cache's fit did not make: copied in (with its manifest) from another cache,
+        or from an earlier build of this one; it would answer with places this cache may not hold."""
+        with FeatureStore.open(cache_file(self.cache_dir, self.key)) as store:
+            cache_id, cities = store.cache_id, store.cities()
+        if self.record.get("cache_id") != cache_id:
+            raise FeatkitError(
+                f"head file {self.head_path} was not fitted on this cache ({cache_file(self.cache_dir, self.key)}: "
+                "copied from another cache, or fitted before this one was rebuilt); it is not used: refit with `featkit fit`",
+                param="head")
+        if self.cities != cities:
+            extra = sorted(set(self.cities) - set(cities))
+            raise FeatkitError(
+                f"head file {self.head_path} answers with places this cache does not hold ({', '.join(extra) or 'another set'}); "
+                "refit it with `featkit fit`", param="head")
 
     def _check_backbone(self, identity: dict, prov: dict | None, *, given: bool) -> None:
         """Refuse a backbone whose features are not the ones the head was trained on."""

@@ -107,3 +107,20 @@ def test_concurrent_saves_keep_every_manifest_entry(tmp_path):
     assert len(manifest["heads"]) == 30
     trusted, ignored = trusted_heads(tmp_path)
     assert len(trusted) == 30 and not ignored
+
+
+def test_predict_refuses_heads_copied_in_from_another_cache_naming_the_file(fitted, tmp_path, runner):
+    """The whole heads folder (manifest included) copied from another cache with other places: each head is
+    trusted as featkit's own, but it was not fitted on this cache, and predict refuses it instead of
+    answering with places this cache does not hold."""
+    photos, cache = fitted
+    other = tmp_path / "other"
+    featkit.extract(make_photos(tmp_path / "p2", cities=("Venice", "London"), n=10), other, weights="random", image_size=32,
+                    batch_size=8, workers=0, progress=False, test_size=3, val_size=2)
+    shutil.rmtree(heads_dir(other), ignore_errors=True)
+    shutil.copytree(heads_dir(cache), heads_dir(other))
+    r = runner.invoke(app, ["predict", str(photos / "Paris" / "000.jpg"), "--cache", str(other), "--workers", "0"])
+    assert r.exit_code != 0, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(heads_dir(other) / "logreg.joblib") in errors[0] and "not fitted on this cache" in errors[0], r.output
+    assert "Paris" not in r.output.replace(str(photos / "Paris"), "")
