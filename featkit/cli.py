@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from featkit.errors import FeatkitError, PhotoSourceWarning, UntrustedHeadWarning
+from featkit.escape import json_printable, printable
 from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, DOWNLOAD, ENDPOINT_ENV, EXTRACT, MLP, PREDICT
 
 
@@ -85,7 +86,7 @@ def option_for(command, param: str) -> str | None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)  # messages quote file and place names: outside text
     raise typer.Exit(code)
 
 
@@ -100,9 +101,9 @@ def show_warnings(caught: list[warnings.WarningMessage]) -> None:
             continue
         seen.add(key)
         if issubclass(w.category, (UntrustedHeadWarning, PhotoSourceWarning)):
-            typer.echo(f"warning: {w.message}", err=True)
+            typer.echo(f"warning: {printable(w.message)}", err=True)
         else:
-            typer.echo(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line).rstrip(), err=True)
+            typer.echo(printable(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line).rstrip(), newlines=True), err=True)
 
 
 def clean_errors(fn):
@@ -336,9 +337,9 @@ def predict(
     good = [p for p in predictions if p.error is None]
     for p in predictions:
         if p.error is not None:
-            typer.echo(f"{p.source}: unreadable ({p.error})", err=True)
-    for line in (_json_lines(predictions) if json else _table_lines(good)):
-        typer.echo(line)
+            typer.echo(printable(f"{p.source}: unreadable ({p.error})"), err=True)
+    for line in (_json_lines(predictions) if json else [printable(line) for line in _table_lines(good)]):
+        typer.echo(line)  # photo and place names are outside text: escaped for the terminal
     if csv is not None:
         write_predictions_csv(csv, predictions)
     bad = len(predictions) - len(good)
@@ -355,7 +356,7 @@ def _table_lines(predictions) -> list[str]:
 
 
 def _json_lines(predictions) -> list[str]:
-    return [jsonlib.dumps(p.to_dict(), ensure_ascii=False) for p in predictions]
+    return [json_printable(jsonlib.dumps(p.to_dict(), ensure_ascii=False)) for p in predictions]
 
 
 @app.command()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from featkit.atomic import atomic_path
 from featkit.errors import FeatkitError, PhotoSourceWarning
+from featkit.escape import csv_cell, csv_value
 
 # What ``featkit download`` writes (paths relative to the manifest's folder), and the
 # list of photos it rejected for good.
@@ -222,7 +223,7 @@ def read_manifest(csv_path: str | Path, required: Sequence[str] = REQUIRED_COLUM
             missing = [c for c in required if c not in columns]
             if missing:
                 raise FeatkitError(f"manifest {csv_path} lacks column(s) {', '.join(sorted(missing))}; {fix}")
-            rows = [{k: v or "" for k, v in row.items() if k is not None} for row in reader]
+            rows = [{k: csv_value(v or "") for k, v in row.items() if k is not None} for row in reader]
     except UnicodeDecodeError as e:
         raise FeatkitError(f"manifest {csv_path} is not UTF-8 text: {e.reason}") from None
     except csv.Error as e:
@@ -241,13 +242,14 @@ def read_manifest(csv_path: str | Path, required: Sequence[str] = REQUIRED_COLUM
 
 def write_manifest(csv_path: str | Path, rows: Iterable[Mapping[str, str]],
                    columns: Sequence[str] = MANIFEST_COLUMNS) -> None:
-    """Replace ``csv_path`` atomically with ``rows`` under ``columns`` (absent cells written empty)."""
+    """Replace ``csv_path`` atomically with ``rows`` under ``columns`` (absent cells written empty; every cell
+    through :func:`featkit.escape.csv_cell`, which :func:`read_manifest` undoes)."""
     with atomic_path(csv_path) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
             writer.writeheader()
             for row in rows:
-                writer.writerow({c: row.get(c, "") for c in columns})
+                writer.writerow({c: csv_cell(row.get(c, "")) for c in columns})  # titles, owners: outside text
 
 
 def _and(names: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ from featkit.atomic import atomic_write
 from featkit.backbones import RANDOM_SOURCE, TORCHVISION_SOURCE, load_backbone
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
+from featkit.escape import csv_cell
 from featkit.extraction import default_workers, feature_batches
 from featkit.manifest import IMAGE_SUFFIXES, Photo, path_text, walk_images
 from featkit.options import EXTRACT, PREDICT
@@ -312,9 +313,9 @@ def write_predictions_csv(path: str | Path, predictions: list[Prediction]) -> No
     w.writerow(CSV_COLUMNS)
     for p in predictions:
         if p.error is not None:
-            w.writerow([p.source, "", "", "", p.error])
+            w.writerow([csv_cell(p.source), "", "", "", csv_cell(p.error)])
         for rank, (city, prob) in enumerate(p.top, start=1):
-            w.writerow([p.source, rank, city, f"{prob:.6f}", ""])
+            w.writerow([csv_cell(p.source), rank, csv_cell(city), f"{prob:.6f}", ""])
     try:
         atomic_write(path, buf.getvalue())
     except OSError as e:

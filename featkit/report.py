@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featkit.atomic import atomic_write
+from featkit.escape import printable
 
 # The seed study's overall test accuracy (VGG16 conv base + 1024-unit dense head, 500 test photos
 # per city); its per-city figures are the ``study_accuracy`` fields of the default cities file.
@@ -57,7 +58,7 @@ def md(text) -> str:
     """Outside text (city, head and owner names, paths) as literal Markdown: every character
     Markdown or an HTML renderer would act on is backslash-escaped, so a ``|`` cannot break a
     table and ``<script>`` or ``[x](y)`` stay text."""
-    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in str(text)).replace("\n", " ")
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in printable(str(text).replace("\n", " ")))
 
 
 def _km(x) -> str:

@@ -30,6 +30,7 @@ from featkit.cache.integrity import Damage
 from featkit.cache.lock import Lock
 from featkit.cache.names import CREATING_SUFFIX, beside, lock_file, sibling_files
 from featkit.errors import FeatkitError
+from featkit.escape import csv_cell
 
 
 def writer_lock(cache_path: Path) -> Lock:
@@ -324,7 +325,7 @@ class FeatureStore:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(FAILED_FIELDS), lineterminator="\n", extrasaction="ignore")
         w.writeheader()
-        w.writerows(failed)
+        w.writerows({k: csv_cell(r[k]) for k in FAILED_FIELDS} for r in failed)  # names and reasons are outside text
         atomic_write(path, buf.getvalue().encode("utf-8", "backslashreplace"))
         return len(failed)
 
