@@ -247,8 +247,14 @@ def verify(
     """Read every cached feature and check it: each batch's checksum, finite values, splits, unique photos (exit 1 when damaged)."""
     from featkit.api import verify as verify_cache
 
+    from featkit.errors import CacheDamaged
+
     damaged = 0
-    for d, dropped in verify_cache(cache, backbone=backbone, repair=repair):
+    try:
+        checked = verify_cache(cache, backbone=backbone, repair=repair)
+    except CacheDamaged as e:  # damage only a rebuild mends: as much a finding of verify's as the rest (exit 1)
+        fail(str(e), 1)
+    for d, dropped in checked:
         if dropped:
             typer.echo(f"{d.path}: dropped {dropped} damaged rows; extract them again with featkit extract PHOTOS --cache {cache}")
         elif d.ok:

@@ -25,3 +25,9 @@ class UntrustedHeadWarning(UserWarning):
 class PhotoSourceWarning(UserWarning):
     """Entries of a photo folder that are not read as photos (a hidden or empty city folder, an image outside
     any city folder, a folder link loop): left out, and said so. The CLI prints it as one ``warning:`` line."""
+
+
+class CacheDamaged(FeatkitError):
+    """A feature file that is not whole (fails its checks, or cannot be read as a cache): the message names the
+    file and the fix (``--repair`` or ``--overwrite``). ``featkit verify`` exits 1 on it, like on damage it
+    finds itself; other commands exit 2, as on any error."""

@@ -164,8 +164,12 @@ def test_damaged_cache_gives_one_line_never_numbers(cache, tmp_path, damage, say
     assert _digest(cache / "heads") == heads, "a fit on a damaged cache replaced a good head"
 
     r = runner.invoke(app, ["verify", "--cache", str(cache)])
-    assert r.exit_code != 0 and "Traceback" not in r.output
+    # damage is verify's finding: exit 1, whether rows or the whole file; a file that is not there is an error (2)
+    assert r.exit_code == (2 if damage is deleted else 1) and "Traceback" not in r.output, r.output
     assert says in r.stderr and fix in r.stderr, r.stderr
+    if repairable is False and damage is not deleted:
+        r = runner.invoke(app, ["verify", "--cache", str(cache), "--repair"])
+        assert r.exit_code == 1 and "Traceback" not in r.output and fix in r.stderr, r.output
 
 
 @pytest.mark.parametrize("damage", [t[0] for t in TABLE if t[3]], ids=[t[0].__name__ for t in TABLE if t[3]])

@@ -44,7 +44,7 @@ import numpy as np
 from featkit import __version__
 from featkit.atomic import fsync_file
 from featkit.cache.lock import is_locked
-from featkit.errors import FeatkitError
+from featkit.errors import CacheDamaged, FeatkitError
 
 FORMAT = 2
 ROW_FIELDS = ("photo_id", "city", "split", "path", "owner")
@@ -176,7 +176,7 @@ def h5open(path: Path, mode: str) -> h5py.File:
             raise FeatkitError(f"feature cache {path} is read-only; make it writable (chmod u+w) or copy the cache folder elsewhere") from None
         if isinstance(e, BlockingIOError) or ("lock" in first_line(e).lower() and is_locked(path, exclusive=mode != "r")):
             raise FeatkitError(f"feature cache {path} is in use by another process (an extract writing it?); wait for it to finish, or use another --cache") from None
-        raise FeatkitError(
+        raise CacheDamaged(
             f"feature cache {path} cannot be opened as HDF5 ({first_line(e)}); it is damaged or not a cache: "
             f"rebuild it with featkit extract PHOTOS --cache {path.parent} --overwrite"
         ) from None

@@ -22,7 +22,7 @@ from featkit.cache.format import (
 )
 from featkit.atomic import fsync_file
 from featkit.cache.names import REWRITING_SUFFIX, beside
-from featkit.errors import FeatkitError
+from featkit.errors import CacheDamaged
 
 
 @dataclass
@@ -115,12 +115,12 @@ def check_intact(store) -> None:
     before they read a feature, so a damaged cache never gives wrong numbers)."""
     d = verify(store)
     if not d.ok and not d.legacy:  # the first layout has nothing to check against; it gets checksums when appended to
-        raise FeatkitError(d.line())
+        raise CacheDamaged(d.line())
 
 
-def fail_line(path: Path, problem: str) -> FeatkitError:
+def fail_line(path: Path, problem: str) -> CacheDamaged:
     """The one line for a file that cannot be trusted at all: what is wrong, and rebuild it."""
-    return FeatkitError(Damage(path, [problem], fatal=True).line())
+    return CacheDamaged(Damage(path, [problem], fatal=True).line())
 
 
 # -- the first layout ----------------------------------------------------------------------------

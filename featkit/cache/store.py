@@ -29,7 +29,7 @@ from featkit.cache.identity import check_identity
 from featkit.cache.integrity import Damage
 from featkit.cache.lock import Lock
 from featkit.cache.names import CREATING_SUFFIX, beside, lock_file, sibling_files
-from featkit.errors import FeatkitError
+from featkit.errors import CacheDamaged, FeatkitError
 from featkit.escape import csv_cell
 
 
@@ -234,14 +234,14 @@ class FeatureStore:
             elif name == "split":
                 codes = self.f["split"][:n]
                 if len(codes) < n or invalid_codes(codes).any():
-                    raise FeatkitError(Damage(self.path, ["the split column holds values other than train, val, test"]).line())
+                    raise CacheDamaged(Damage(self.path, ["the split column holds values other than train, val, test"]).line())
                 col = np.array(SPLIT_CODES)[codes]
             else:
                 col = np.array(TextColumn(self.f["text"][name]).read(n), dtype=str)
         except Damaged as e:
             raise integrity.fail_line(self.path, str(e)) from None
         except (OSError, KeyError, ValueError, UnicodeDecodeError) as e:
-            raise FeatkitError(Damage(self.path, [f"column {name} cannot be read ({first_line(e)})"], fatal=True).line()) from None
+            raise CacheDamaged(Damage(self.path, [f"column {name} cannot be read ({first_line(e)})"], fatal=True).line()) from None
         self._columns[name] = col
         return col
 
@@ -302,7 +302,7 @@ class FeatureStore:
                     block = ds[lo:hi]
                     out[start : start + len(sel)] = block[sel - lo]
         except OSError as e:
-            raise FeatkitError(Damage(self.path, [f"features cannot be read ({first_line(e)})"], fatal=True).line()) from None
+            raise CacheDamaged(Damage(self.path, [f"features cannot be read ({first_line(e)})"], fatal=True).line()) from None
         return out
 
     def load_split(self, split: str, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -338,7 +338,7 @@ class FeatureStore:
         except (OSError, KeyError, ValueError, TypeError) as e:
             problems = [f"its structure cannot be read ({first_line(e)})"]
         if problems:
-            raise FeatkitError(Damage(self.path, problems, fatal=True).line())
+            raise CacheDamaged(Damage(self.path, problems, fatal=True).line())
 
     def verify(self, *, block_rows: int = 4096) -> Damage:
         """Every committed row checked (:func:`featkit.cache.integrity.verify`)."""
@@ -455,7 +455,7 @@ def verify_cache(path: str | Path, *, repair: bool = False) -> tuple[Damage, int
     with FeatureStore.open(path, writable=True) as store:  # takes the writer's lock; rewrites a first-layout cache
         d = store.verify()
         if d.fatal:
-            raise FeatkitError(d.line())
+            raise CacheDamaged(d.line())
         return d, (store.drop_rows(d.bad_rows) if len(d.bad_rows) else 0)
 
 
