@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from featkit.options import BACKBONE, EXTRACT, PREDICT, BackboneOptions, ExtractOptions
+
+if TYPE_CHECKING:
+    from featkit.comparison import Comparison
 
 
 def extract(
@@ -131,7 +134,7 @@ def fit(
     progress: bool = EXTRACT.progress,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Train heads (``mlp``, ``logreg``, ``svm``, a comma list, or ``all``) on every backbone the cache holds
+    """Train heads (a name of :data:`featkit.heads.HEADS`: ``mlp``, ``logreg``, ``svm``; a comma list, or ``all``) on every backbone the cache holds
     (or only ``backbone``); returns their records."""
     from featkit.training import fit_heads
 
@@ -140,9 +143,11 @@ def fit(
 
 def compare(
     cache_dir: str | Path = "cache", reports_dir: str | Path = "reports", *, cities: str | None = None, leaks: bool = True
-) -> tuple[dict, dict[str, Path]]:
+) -> tuple[Comparison, dict[str, Path]]:
     """Evaluate every fitted head on the cache's test split and write the report (compare.md, .json, .html);
-    returns ``(results, paths)``.
+    returns ``(results, paths)``: a :class:`~featkit.comparison.Comparison` (``results.heads["mlp"].accuracy``,
+    ``results.best``; ``results.to_dict()`` is compare.json, and ``results["heads"]`` still reads that way)
+    and the report's files.
 
     ``cities``: where the cities' coordinates come from for the distance figures (a cities .toml file or
     default names); by default a ``cities.toml`` beside the city folders, then featkit's default cities.

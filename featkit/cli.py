@@ -286,12 +286,13 @@ def fit(
 ) -> None:
     """Train heads on the cached features (train split; val split for early stopping and choices)."""
     from featkit.api import fit as fit_heads
+    from featkit.heads import MLPHead, head_name
 
     mlp = {
         "max_iter": max_iter, "n_iter_no_change": n_iter_no_change, "hidden_layer_sizes": (hidden_layer_sizes,), "dropout": dropout,
         "alpha": alpha, "learning_rate_init": learning_rate_init, "batch_size": batch_size,
     }
-    records = fit_heads(cache, head, backbone=backbone, seed=seed, device=device, params={"mlp": mlp}, stream=stream, progress=progress, log=typer.echo)
+    records = fit_heads(cache, head, backbone=backbone, seed=seed, device=device, params={head_name(MLPHead): mlp}, stream=stream, progress=progress, log=typer.echo)
     typer.echo(f"{len(records)} head(s) fitted -> {cache / 'heads'}")
 
 
@@ -307,8 +308,8 @@ def compare(
     from featkit.api import compare as compare_heads
 
     results, paths = compare_heads(cache, reports, cities=cities, leaks=leaks)
-    best = results["ranking"]["ranking"][0]  # the report's best (accuracy, then name), whose galleries it shows
-    summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
+    best = results.best  # the report's best (accuracy, then name), whose galleries it shows
+    summary = ", ".join(f"{h} {m.accuracy:.3f}" for h, m in results.heads.items())
     typer.echo(f"test accuracy: {summary} (best: {best}) -> {paths['html']} (and compare.md, compare.json)")
 
 
@@ -386,9 +387,9 @@ def demo(
         cache / "demo", reports / "demo", cities=cities, per_city=per_city, weights=None if weights == "torchvision" else weights,
         image_size=image_size, device=device, seed=seed, progress=progress, log=lambda m: typer.echo(m, err=True),
     )
-    summary = ", ".join(f"{h} {m['accuracy']:.3f}" for h, m in results["heads"].items())
-    chance = 1 / len(results["cities"])
-    typer.echo(f"demo done: test accuracy {summary} (chance {chance:.3f}) on GENERATED photos of {', '.join(results['cities'])}, not real ones")
+    summary = ", ".join(f"{h} {m.accuracy:.3f}" for h, m in results.heads.items())
+    chance = 1 / len(results.cities)
+    typer.echo(f"demo done: test accuracy {summary} (chance {chance:.3f}) on GENERATED photos of {', '.join(results.cities)}, not real ones")
     typer.echo(f"report: {paths['html']} (open in a browser; compare.md, compare.json, confusion_*.png beside it); features and heads: {cache / 'demo'}")
 
 

@@ -14,8 +14,10 @@ from typing import Callable
 from featkit import api
 from featkit.backbones import RANDOM_SOURCE, check_vgg16_size
 from featkit.cities import load_cities
+from featkit.comparison import Comparison
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
+from featkit.heads import MLPHead, head_name
 from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, EXTRACT
 from featkit.photogen import write_photos
 from featkit.validate import check_int, check_seed, ensure_writable_dir
@@ -36,7 +38,7 @@ def run_demo(
     seed: int = EXTRACT.seed,
     progress: bool = EXTRACT.progress,
     log: Callable[[str], None] = print,
-) -> tuple[dict, dict[str, Path]]:
+) -> tuple[Comparison, dict[str, Path]]:
     """Write generated photos of ``cities``, extract, fit all heads, compare; returns ``(results, paths)``.
     Every argument is checked before the first photo is written."""
     city_list = load_cities(cities)
@@ -52,5 +54,5 @@ def run_demo(
     log(f"demo: {per_city} generated photos per city of {', '.join(c.name for c in city_list)} in {photos}")
     s = api.extract(photos, cache_dir, weights=weights, image_size=image_size, device=device, seed=seed, progress=progress)
     log(f"demo: {s.line()}")
-    api.fit(cache_dir, "all", seed=seed, device=device, params={"mlp": {"max_iter": DEMO_MAX_ITER}}, progress=progress, log=lambda m: log(f"demo: {m}"))
+    api.fit(cache_dir, "all", seed=seed, device=device, params={head_name(MLPHead): {"max_iter": DEMO_MAX_ITER}}, progress=progress, log=lambda m: log(f"demo: {m}"))
     return api.compare(cache_dir, reports_dir)

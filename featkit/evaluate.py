@@ -12,6 +12,7 @@ import numpy as np
 
 from featkit import __version__
 from featkit.cities import city_coordinates
+from featkit.comparison import Comparison, HeadResult, Ranking
 from featkit.errors import FeatkitError
 from featkit.leaks import SplitPhoto, split_leaks
 from featkit.metrics import evaluate_predictions, geographic_error, rank_heads
@@ -23,9 +24,9 @@ from featkit.cache.shelf import fitted_head_files, load_head
 from featkit.cache.store import FeatureStore
 
 
-def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, leaks: bool = True) -> dict:
+def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, leaks: bool = True) -> Comparison:
     """Evaluate every fitted head of every backbone of the cache on the same test photos; the results
-    the report is made of. With one backbone the entries are named by head (``mlp``); with several,
+    the report is made of (a :class:`~featkit.comparison.Comparison`). With one backbone the entries are named by head (``mlp``); with several,
     by backbone and head (``vgg16/mlp``), and every pair is compared on the same photos.
 
     ``cities_spec`` (a ``--cities`` value) gives the cities' coordinates for the distance
@@ -65,12 +66,9 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
             name = rec.get("head", p.stem)
             _check_head(name, p, est, rec, found)
             metrics = evaluate_predictions(reference["cities"], yte, est.predict_proba(Xte), est.classes_)
-            heads[prefix + name] = {
-                **metrics,
-                "backbone": key,
-                "head": name,
-                **{k: rec.get(k) for k in ("val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")},
-            }
+            heads[prefix + name] = HeadResult.from_metrics(
+                metrics, backbone=key, head=name, **{k: rec.get(k) for k in ("val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")},
+            )
     cities, columns, yte = reference["cities"], reference["columns"], reference["y"]
     counts = split_counts(list(columns["city"]), list(columns["split"]))
     cache_id, backbone = reference["cache_id"], reference["backbone"]
@@ -81,24 +79,24 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
         coords = np.array([geo["coords"][c] for c in cities])
         true_idx = np.array([cities.index(str(c)) for c in yte])
         for m in heads.values():
-            m["geo"] = geographic_error(true_idx, np.asarray(m["predicted"]), coords)
-    return {
-        "cities": cities,
-        "heads": heads,
-        "test_photos": [{"photo_id": p.photo_id, "city": p.city, "path": p.path, "owner": p.owner} for p in test],
-        "geo": {"source": geo["source"], "missing": geo["missing"], "coords": geo["coords"]},
-        "leaks": split_leaks(everyone, hash_cache=cache_dir / HASH_CACHE) if leaks else None,
-        "ranking": rank_heads({h: np.asarray(m["correct"], dtype=bool) for h, m in heads.items()}),
-        "n_test": {c: counts["test"].get(c, 0) for c in cities},
-        "split_counts": counts,
-        "cache_path": str(reference["path"]),
-        "cache_id": cache_id,
-        "backbone": backbone if len(backbones) == 1 else "; ".join(f"{k}: {v}" for k, v in backbones.items()),
-        "backbones": backbones,
-        "featkit": __version__,
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "provenance": provenance(),
-    }
+            m.geo = geographic_error(true_idx, np.asarray(m.predicted), coords)
+    return Comparison(
+        cities=cities,
+        heads=heads,
+        test_photos=[{"photo_id": p.photo_id, "city": p.city, "path": p.path, "owner": p.owner} for p in test],
+        geo={"source": geo["source"], "missing": geo["missing"], "coords": geo["coords"]},
+        leaks=split_leaks(everyone, hash_cache=cache_dir / HASH_CACHE) if leaks else None,
+        ranking=Ranking(**rank_heads({h: np.asarray(m.correct, dtype=bool) for h, m in heads.items()})),
+        n_test={c: counts["test"].get(c, 0) for c in cities},
+        split_counts=counts,
+        cache_path=str(reference["path"]),
+        cache_id=cache_id,
+        backbone=backbone if len(backbones) == 1 else "; ".join(f"{k}: {v}" for k, v in backbones.items()),
+        backbones=backbones,
+        featkit=__version__,
+        generated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        provenance=provenance(),
+    )
 
 
 def _photo_roots(photos: list[SplitPhoto]) -> list[Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from featkit.errors import FeatkitError
-from featkit.validate import MAX_DOWNLOAD_WORKERS, MAX_INTERVAL_S, MAX_JPEG_SIDE, check_choice, check_float, check_int, check_mlp_params, check_seed, check_split_size, check_workers
+from featkit.validate import MAX_DOWNLOAD_WORKERS, MAX_INTERVAL_S, MAX_JPEG_SIDE, check_choice, check_float, check_head_numbers, check_int, check_mlp_params, check_seed, check_split_size, check_workers
 
 DTYPES = ("float16", "float32")  # how features are stored in the cache
 DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded: gpu is nvJPEG on the backbone's CUDA device; auto is cpu for now
@@ -69,9 +69,44 @@ class MLPOptions:
     batch_size: int = 64
     max_iter: int = 100
     n_iter_no_change: int = 7
+    early_stopping: bool = True
+    validation_fraction: float = 0.1  # carved from the training data (stratified) when no val split is given
+    device: str = "auto"
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         check_mlp_params({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class LogRegOptions:
+    """The logistic-regression head's defaults: the C grid swept (strong to weak regularisation), L-BFGS's cap and tolerance."""
+
+    Cs: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    max_iter: int = 300
+    tol: float = 1e-4
+    validation_fraction: float = 0.1
+    copy: bool = True  # False: scale the training matrix in place (half the memory)
+
+    def __post_init__(self) -> None:
+        check_head_numbers({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class SVMOptions:
+    """The linear SVM head's defaults: the alpha grid swept (strong to weak regularisation), L-BFGS's cap and tolerance."""
+
+    alphas: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
+    max_iter: int = 100
+    tol: float = 1e-5
+    validation_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_head_numbers({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+LOGREG = LogRegOptions()
+SVM = SVMOptions()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from featkit.atomic import atomic_write
 from featkit.escape import printable
+from featkit.comparison import Comparison, as_dict
 
 # The seed study's overall test accuracy (VGG16 conv base + 1024-unit dense head, 500 test photos
 # per city); its per-city figures are the ``study_accuracy`` fields of the default cities file.
@@ -65,7 +66,9 @@ def _km(x) -> str:
     return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:,.0f}"
 
 
-def render_markdown(results: dict) -> str:
+def render_markdown(results: Comparison | dict) -> str:
+    """compare.md: the tables of a comparison (or of its ``compare.json`` mapping)."""
+    results = as_dict(results)
     cities, heads = results["cities"], results["heads"]
     names = list(heads)
     study_acc = study_accuracy()
@@ -216,8 +219,9 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def backbone_grid(results: dict) -> dict | None:
+def backbone_grid(results: Comparison | dict) -> dict | None:
     """Backbone x head overall accuracy (None with a single backbone): ``{"backbones", "heads", "cells"}``."""
+    results = as_dict(results)
     heads = results["heads"]
     backbones = list(dict.fromkeys(m.get("backbone") for m in heads.values() if m.get("backbone")))
     if len(backbones) < 2:
@@ -246,8 +250,9 @@ def _png_name(head: str) -> str:
     return f"confusion_{safe}.png"
 
 
-def galleries(results: dict, head: str, k: int = 4) -> list[dict]:
+def galleries(results: Comparison | dict, head: str, k: int = 4) -> list[dict]:
     """Per city: the ``k`` most confident right answers and the ``k`` most confident wrong ones of ``head``."""
+    results = as_dict(results)
     cities, m, photos = results["cities"], results["heads"][head], results.get("test_photos", [])
     out = []
     for ci, city in enumerate(cities):
@@ -278,7 +283,7 @@ def _best_head(results: dict) -> str:
     return ranking[0] if ranking else max(results["heads"], key=lambda h: results["heads"][h]["accuracy"])
 
 
-def render_html(results: dict, confusion_pngs: dict[str, bytes] | None = None) -> str:
+def render_html(results: Comparison | dict, confusion_pngs: dict[str, bytes] | None = None) -> str:
     """compare.html: one self-contained page (figures and thumbnails embedded as data: URIs; no scripts,
     fonts or requests, enforced by its Content-Security-Policy). Every outside string is escaped by the
     template engine (autoescape)."""
@@ -286,6 +291,7 @@ def render_html(results: dict, confusion_pngs: dict[str, bytes] | None = None) -
 
     from featkit import figures
 
+    results = as_dict(results)
     cities, heads = results["cities"], results["heads"]
     names = list(heads)
     study_acc = study_accuracy()
@@ -322,10 +328,12 @@ def render_html(results: dict, confusion_pngs: dict[str, bytes] | None = None) -
     return template.render(**context)
 
 
-def write_report(results: dict, reports_dir: str | Path) -> dict[str, Path]:
-    """Write compare.md, compare.json, compare.html and one confusion PNG per head; return their paths."""
+def write_report(results: Comparison | dict, reports_dir: str | Path) -> dict[str, Path]:
+    """Write compare.md, compare.json (:meth:`Comparison.to_dict`), compare.html and one confusion PNG per head;
+    return their paths."""
     from featkit.figures import confusion_png
 
+    results = as_dict(results)
     out = Path(reports_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "compare.md", "json": out / "compare.json", "html": out / "compare.html"}

@@ -13,7 +13,7 @@ from typing import Callable
 
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-from featkit.heads import HEAD_NAMES, HEADS, can_stream, make_head
+from featkit.heads import HEADS, can_stream, head_names, make_head, reports_progress
 from featkit.cache.shelf import save_head
 from featkit.provenance import provenance
 from featkit.cache.names import cache_file, heads_dir, resolve_backbones
@@ -25,12 +25,13 @@ STREAM_CHOICES = ("auto", "yes", "no")
 
 def resolve_heads(head: str) -> list[str]:
     """``all`` or a comma list of names -> the list of head names; unknown names are refused with the choices."""
+    known = head_names()
     if head == "all":
-        return list(HEAD_NAMES)
+        return list(known)
     names = [h.strip() for h in head.split(",") if h.strip()] if isinstance(head, str) else []
-    bad = [h for h in names if h not in HEAD_NAMES]
+    bad = [h for h in names if h not in known]
     if bad or not names:
-        raise FeatkitError(f"unknown head {', '.join(bad) or head!r}; choose one of: {', '.join(HEAD_NAMES)}, all", param="head")
+        raise FeatkitError(f"unknown head {', '.join(bad) or head!r}; choose one of: {', '.join(known)}, all", param="head")
     return names
 
 
@@ -42,7 +43,7 @@ def check_fit_args(cache_dir: str | Path, head: str, *, seed: int, device: str, 
     check_choice("stream", stream, STREAM_CHOICES)
     params = {} if params is None else params
     if not isinstance(params, dict) or any(n not in HEADS for n in params):
-        raise FeatkitError(f"`params` maps head names ({', '.join(HEAD_NAMES)}) to their parameters; got {params!r}", param="params")
+        raise FeatkitError(f"`params` maps head names ({', '.join(head_names())}) to their parameters; got {params!r}", param="params")
     for name, p in params.items():
         check_head_params(name, p, HEADS[name]().get_params())
     require_cache(cache_dir)
@@ -133,11 +134,13 @@ def _fit_backbone(cache_dir: Path, key: str, names: list[str], *, label: str, se
                 Xtr, ytr, _ = store.load_split("train")
             t0 = time.perf_counter()
             with _ProgressBar(label + name, progress, getattr(est, "progress_unit", "step")) as bar:
+                method = "fit_blocks" if name in streamed else "fit"
+                extra = {"progress": bar.update} if reports_progress(est, method) else {}  # an optional capability
                 if name in streamed:
-                    est.fit_blocks(store.blocks("train", block_rows), Xva, yva, progress=bar.update)
+                    est.fit_blocks(store.blocks("train", block_rows), Xva, yva, **extra)
                     how = "streamed"
                 else:
-                    est.fit(Xtr, ytr, Xva, yva, progress=bar.update)
+                    est.fit(Xtr, ytr, Xva, yva, **extra)
                     how = "in memory"
             seconds = time.perf_counter() - t0
             record = {
@@ -165,8 +168,9 @@ def _head_record(name: str, est, store: FeatureStore, *, cities, split_id, seed,
         "cities": cities,
         "params": est.get_params(),
         "chosen": dict(est.chosen_),
-        "validation_curve": _plain(est.validation_curve_),
-        "at_grid_edge": bool(est.at_grid_edge_),
+        # optional capabilities: a head without them has none in its record (and an empty cell in the report)
+        "validation_curve": _plain(getattr(est, "validation_curve_", None)),
+        "at_grid_edge": None if getattr(est, "at_grid_edge_", None) is None else bool(est.at_grid_edge_),
         "val_score": float(est.score(Xva, yva)) if yva is not None else None,
         "n_val": int(0 if yva is None else len(yva)),
         "seed": seed,
@@ -202,6 +206,8 @@ class _ProgressBar:
 
 def _plain(curve):
     """A validation curve as JSON-friendly values (grid values as strings: 1e-05, not 1.0000000000000001e-05)."""
+    if curve is None:
+        return None
     if isinstance(curve, dict):
         return {f"{k:g}": float(v) for k, v in curve.items()}
     return [float(v) for v in curve]

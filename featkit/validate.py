@@ -131,16 +131,15 @@ def check_head_params(name: str, params: dict, accepted) -> None:
             f"`params` of the {name} head: unknown parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(set(accepted) - {'random_state'}))}",
             param="params",
         )
-    if name == "mlp":
-        check_mlp_params(params)
-        return
-    for key in ("max_iter",):
-        if key in params:
-            check_int(key, params[key], low=1)
+    check_head_numbers(params)
+
+
+def check_head_numbers(params: dict) -> None:
+    """The numbers of any head, checked by parameter name whichever head takes them (scikit-learn's names:
+    the MLP's of :func:`check_mlp_params`, ``tol``, and the ``Cs`` / ``alphas`` grids); others are the head's own."""
+    check_mlp_params(params)
     if "tol" in params:
         check_float("tol", params["tol"], low=0, low_open=True)
-    if "validation_fraction" in params:
-        check_float("validation_fraction", params["validation_fraction"], low=0, high=1, low_open=True, high_open=True)
     for key in ("Cs", "alphas"):
         if key in params:
             grid = params[key]

@@ -10,6 +10,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from featkit.heads import LinearSVMHead, LogRegHead, MLPHead, head_name
+
+# Heads by their class, never by a typed name (the registry, featkit.heads.HEADS, owns the names).
+LOGREG = head_name(LogRegHead)  # the head a test fits when any will do: quick, numpy only
+SVM = head_name(LinearSVMHead)
+MLP = head_name(MLPHead)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FEATKIT_SHARED", REPO.parent / "shared"))
 REAL_WEIGHTS = SHARED / "weights" / "vgg16_imagenet_features.pth"
@@ -56,7 +63,7 @@ FAST = ["--weights", "random", "--image-size", "32", "--no-progress", "--workers
 
 def fitted_cache(root: Path, *extract_args: str, n: int) -> tuple[Path, Path]:
     """Generated photos under ``root/photos`` (``n`` a city), extracted with :data:`FAST` (plus ``extract_args``)
-    into ``root/cache``, and a logreg head fitted on it: ``(photos, cache)``."""
+    into ``root/cache``, and a :data:`LOGREG` head fitted on it: ``(photos, cache)``."""
     from featkit.cli import app
 
     photos = make_photos(root / "photos", n=n)
@@ -64,6 +71,6 @@ def fitted_cache(root: Path, *extract_args: str, n: int) -> tuple[Path, Path]:
     runner = CliRunner()
     r = runner.invoke(app, ["extract", str(photos), "--cache", str(cache), *FAST, *extract_args])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
+    r = runner.invoke(app, ["fit", "--head", LOGREG, "--cache", str(cache), "--no-progress"])
     assert r.exit_code == 0, r.output
     return photos, cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import featkit
-from conftest import make_photos
+from conftest import LOGREG, MLP, make_photos
 
 
 def test_extract_split_fit_compare_from_python(tmp_path):
@@ -13,11 +13,11 @@ def test_extract_split_fit_compare_from_python(tmp_path):
     cache = tmp_path / "cache"
     s = featkit.extract(photos, cache, weights="random", image_size=32, batch_size=8, workers=0, progress=False, test_size=3, val_size=2)
     assert s.n_extracted == 24 and s.split_counts["test"] == {"Paris": 3, "Tokyo": 3}
-    records = featkit.fit(cache, head="logreg,mlp", params={"mlp": {"max_iter": 5}}, progress=False, log=lambda m: None)
+    records = featkit.fit(cache, head=f"{LOGREG},{MLP}", params={MLP: {"max_iter": 5}}, progress=False, log=lambda m: None)
     # the head that scales the shared training matrix in place (logreg) runs last
-    assert [r["head"] for r in records] == ["mlp", "logreg"] and records[0]["params"]["max_iter"] == 5
+    assert [r["head"] for r in records] == [MLP, LOGREG] and records[0]["params"]["max_iter"] == 5
     results, paths = featkit.compare(cache, tmp_path / "reports")
-    assert set(results["heads"]) == {"logreg", "mlp"} and paths["md"].exists()
+    assert set(results["heads"]) == {LOGREG, MLP} and paths["md"].exists()
     counts = featkit.split(cache, test_size=4, val_size=2)
     assert counts["test"] == {"Paris": 4, "Tokyo": 4}
 

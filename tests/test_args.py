@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import featkit
-from conftest import FAST, fitted_cache
+from conftest import FAST, LOGREG, MLP, fitted_cache
 from featkit.cli import app
 from featkit.errors import FeatkitError
 from featkit.options import DownloadOptions, ExtractOptions, MLPOptions, PredictOptions
@@ -98,17 +98,17 @@ CASES = [
     (["fit", "--cache", "{cache}", "--hidden", "0"], "--hidden"),
     (["fit", "--cache", "{cache}", "--alpha", "-1"], "--alpha"),
     (["fit", "--cache", "{cache}", "--alpha", "nan"], "--alpha"),
-    (["fit", "--cache", "{cache}", "--head", "logreg", "--batch-size", "-3"], "--batch-size"),  # checked whichever heads run
+    (["fit", "--cache", "{cache}", "--head", LOGREG, "--batch-size", "-3"], "--batch-size"),  # checked whichever heads run
     (["fit", "--cache", "{cache}", "--batch-size", "0"], "--batch-size"),
-    (["fit", "--cache", "{cache}", "--head", "logreg", "--stream", "maybe"], "--stream"),
+    (["fit", "--cache", "{cache}", "--head", LOGREG, "--stream", "maybe"], "--stream"),
     (["fit", "--cache", "{cache}", "--head", "nonsense"], "--head"),
-    (["fit", "--cache", "{cache}", "--head", "logreg", "--device", "cuda:99"], "--device"),
-    (["fit", "--cache", "{cache}", "--head", "logreg", "--device", "tpu"], "--device"),
-    (["fit", "--cache", "{cache}", "--head", "logreg", "--seed", "-1"], "--seed"),
-    (["fit", "--cache", "{cache}", "--head", "logreg", "--backbone", "resnet50"], "--backbone"),
-    (["fit", "--cache", "{cache}", "--head", "logreg", "--lr", "abc"], "--lr"),
-    (["fit", "--cache", NEW, "--head", "logreg"], "--cache"),
-    (["fit", "--cache", "{file}", "--head", "logreg"], "--cache"),
+    (["fit", "--cache", "{cache}", "--head", LOGREG, "--device", "cuda:99"], "--device"),
+    (["fit", "--cache", "{cache}", "--head", LOGREG, "--device", "tpu"], "--device"),
+    (["fit", "--cache", "{cache}", "--head", LOGREG, "--seed", "-1"], "--seed"),
+    (["fit", "--cache", "{cache}", "--head", LOGREG, "--backbone", "resnet50"], "--backbone"),
+    (["fit", "--cache", "{cache}", "--head", LOGREG, "--lr", "abc"], "--lr"),
+    (["fit", "--cache", NEW, "--head", LOGREG], "--cache"),
+    (["fit", "--cache", "{file}", "--head", LOGREG], "--cache"),
     # compare: refused before any head is evaluated
     (["compare", "--cache", "{cache}", "--reports", "{file}"], "--reports"),
     (["compare", "--cache", "{cache}", "--reports", "{file}/sub"], "--reports"),
@@ -228,13 +228,13 @@ def test_api_refuses_before_touching_anything(built, tmp_path):
     _raises("cache_dir", featkit.extract, photos, built["file"], weights="random", image_size=32)
     _raises("workers", featkit.extract, photos, tmp_path / "new", weights="random", image_size=32, workers=max_workers() + 1)
     _raises("image_size", featkit.extract, photos, cache, weights="random", image_size=(10_000, 10_000))
-    _raises("dropout", featkit.fit, cache, "logreg", params={"mlp": {"dropout": 1.5}})
-    _raises("params", featkit.fit, cache, "logreg", params={"mlp": {"epochs": 3}})  # scikit-learn's name is max_iter
-    _raises("params", featkit.fit, cache, "logreg", params={"xgb": {}})
+    _raises("dropout", featkit.fit, cache, LOGREG, params={MLP: {"dropout": 1.5}})
+    _raises("params", featkit.fit, cache, LOGREG, params={MLP: {"epochs": 3}})  # scikit-learn's name is max_iter
+    _raises("params", featkit.fit, cache, LOGREG, params={"xgb": {}})
     _raises("head", featkit.fit, cache, "xgb")
-    _raises("seed", featkit.fit, cache, "logreg", seed=-1)
-    _raises("stream", featkit.fit, cache, "logreg", stream="maybe")
-    _raises("cache_dir", featkit.fit, tmp_path / "new", "logreg")
+    _raises("seed", featkit.fit, cache, LOGREG, seed=-1)
+    _raises("stream", featkit.fit, cache, LOGREG, stream="maybe")
+    _raises("cache_dir", featkit.fit, tmp_path / "new", LOGREG)
     _raises("test_size", featkit.split, cache, test_size=math.inf)
     _raises("reports_dir", featkit.compare, cache, built["file"])
     _raises("cache_dir", featkit.compare, tmp_path / "new", tmp_path / "reports")

@@ -18,7 +18,7 @@ from torchvision.models import vgg16
 from PIL import Image
 
 import featkit
-from conftest import REAL_PHOTOS, REAL_WEIGHTS, SHARED, make_photos
+from conftest import LOGREG, REAL_PHOTOS, REAL_WEIGHTS, SHARED, make_photos
 from featkit.backbones import DEFAULT_KEY, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, backbone_gmacs, load_backbone, parse_image_size
 from featkit.errors import FeatkitError
 from featkit.images import image_tensor, load_image
@@ -369,15 +369,15 @@ def test_extract_fit_and_predict_at_w_by_h_beside_a_square_extraction(tmp_path):
             size = store.identity["image_size"]
         assert size == ([96, 64] if k == key else 64)
     assert splits[0] == splits[1] and len(splits[0]) == 24
-    featkit.fit(cache, head="logreg", progress=False, log=lambda m: None)
+    featkit.fit(cache, head=LOGREG, progress=False, log=lambda m: None)
     files = sorted((photos / "Venice").glob("*.jpg"))[:3]
-    preds = featkit.predict(files, cache, head=f"{key}/logreg", top=2)
+    preds = featkit.predict(files, cache, head=f"{key}/{LOGREG}", top=2)
     assert len(preds) == 3 and all(p.error is None and len(p.top) == 2 for p in preds)
     from featkit.cache.shelf import load_head
     from featkit.prediction import Predictor
 
-    assert Predictor(cache, f"{key}/logreg").spec.image_size == [96, 64]  # rebuilt at the head's own size
-    est, _ = load_head(heads_dir(cache, key) / "logreg.joblib")
+    assert Predictor(cache, f"{key}/{LOGREG}").spec.image_size == [96, 64]  # rebuilt at the head's own size
+    est, _ = load_head(heads_dir(cache, key) / f"{LOGREG}.joblib")
     with FeatureStore.open(cache_file(cache, key)) as store:
         ids = list(store.column("path"))
         want = est.predict_proba(store.read_features(np.array([ids.index(str(f)) for f in files])))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from featkit.cli import app
-from conftest import FAST, make_photos
+from conftest import FAST, LOGREG, MLP, make_photos
+from featkit.heads import HEAD_NAMES
 from featkit.splits import split_counts
 from featkit.cache.store import FeatureStore
 
@@ -44,13 +45,13 @@ def test_extract_fit_compare_end_to_end(runner, photos, tmp_path):
     assert "72 extracted, 0 skipped" in r.output
     r = run(runner, "fit", "--head", "all", "--cache", cache, "--epochs", "30")
     assert r.exit_code == 0, r.output
-    assert {p.name for p in (cache / "heads").iterdir()} == {"mlp.joblib", "logreg.joblib", "svm.joblib", "manifest.json"}
+    assert {p.name for p in (cache / "heads").iterdir()} == {f"{n}.joblib" for n in HEAD_NAMES} | {"manifest.json"}
     r = run(runner, "compare", "--cache", cache, "--reports", reports)
     assert r.exit_code == 0, r.output
     data = json.loads((reports / "compare.json").read_text())
     assert data["cities"] == ["Paris", "Tokyo", "Venice"]
     assert data["n_test"] == {"Paris": 6, "Tokyo": 6, "Venice": 6}
-    for head in ("mlp", "logreg", "svm"):
+    for head in HEAD_NAMES:
         h = data["heads"][head]
         assert set(h["per_city"]) == set(data["cities"])
         assert h["accuracy"] > 0.6, (head, h["accuracy"])  # chance is 1/3
@@ -58,18 +59,18 @@ def test_extract_fit_compare_end_to_end(runner, photos, tmp_path):
         assert abs(sum(h["predicted_share"].values()) - 1) < 1e-9
         assert (reports / f"confusion_{head}.png").stat().st_size > 1000
     md = (reports / "compare.md").read_text()
-    assert "| Paris | 6 |" in md and "confusion_mlp.png" in md and "**top-3**" in md
-    assert "| city | n test | logreg | mlp | svm |" in md  # not the study's ten cities: no study column
-    assert "**Verdict:**" in md and "| logreg vs mlp |" in md
-    assert data["ranking"]["ranking"][0] in ("mlp", "logreg", "svm") and len(data["ranking"]["pairs"]) == 3
-    lo, hi = data["heads"]["mlp"]["accuracy_ci"]
-    assert lo <= data["heads"]["mlp"]["accuracy"] <= hi
+    assert "| Paris | 6 |" in md and f"confusion_{MLP}.png" in md and "**top-3**" in md
+    assert f"| city | n test | {' | '.join(sorted(HEAD_NAMES))} |" in md  # not the study's ten cities: no study column
+    assert "**Verdict:**" in md and f"| {LOGREG} vs {MLP} |" in md
+    assert data["ranking"]["ranking"][0] in HEAD_NAMES and len(data["ranking"]["pairs"]) == len(HEAD_NAMES) * (len(HEAD_NAMES) - 1) // 2
+    lo, hi = data["heads"][MLP]["accuracy_ci"]
+    assert lo <= data["heads"][MLP]["accuracy"] <= hi
 
 
 def test_splits_change_without_re_extraction(runner, photos, tmp_path):
     cache = tmp_path / "cache"
     assert run(runner, "extract", photos, "--cache", cache, *FAST, "--test-size", "6", "--val-size", "4").exit_code == 0
-    assert run(runner, "fit", "--head", "logreg", "--cache", cache).exit_code == 0
+    assert run(runner, "fit", "--head", LOGREG, "--cache", cache).exit_code == 0
     with FeatureStore.open(cache / "features.h5") as s:
         before = s.read_features(np.arange(s.n_rows))
     # another protocol on the same cache is refused, not silently ignored
@@ -83,7 +84,7 @@ def test_splits_change_without_re_extraction(runner, photos, tmp_path):
         assert s.split_protocol == {"seed": 0, "test_size": 8.0, "val_size": 4.0}
     # a head trained on the old splits is refused until refitted
     assert_clean_failure(run(runner, "compare", "--cache", cache, "--reports", tmp_path / "r"), "other splits", "featkit fit")
-    assert run(runner, "fit", "--head", "logreg", "--cache", cache).exit_code == 0
+    assert run(runner, "fit", "--head", LOGREG, "--cache", cache).exit_code == 0
     assert run(runner, "compare", "--cache", cache, "--reports", tmp_path / "r").exit_code == 0
     # and photos added later follow the recorded protocol when it is repeated
     r = run(runner, "extract", photos, "--cache", cache, *FAST, "--test-size", "8", "--val-size", "4")
@@ -120,16 +121,16 @@ def test_head_from_another_cache_is_refused(runner, tmp_path):
     make_photos(tmp_path / "p2", cities=("Paris", "London"), n=16)
     assert run(runner, "extract", tmp_path / "p1", "--cache", a, *FAST).exit_code == 0
     assert run(runner, "extract", tmp_path / "p2", "--cache", b, *FAST).exit_code == 0
-    assert run(runner, "fit", "--head", "logreg", "--cache", a).exit_code == 0
+    assert run(runner, "fit", "--head", LOGREG, "--cache", a).exit_code == 0
     (b / "heads").mkdir()
-    (a / "heads" / "logreg.joblib").rename(b / "heads" / "logreg.joblib")
+    (a / "heads" / f"{LOGREG}.joblib").rename(b / "heads" / f"{LOGREG}.joblib")
     r = run(runner, "compare", "--cache", b, "--reports", tmp_path / "r")
     assert_clean_failure(r, "no fitted heads", "not featkit's own")  # a lone file: not trusted, never unpickled
     (a / "heads" / "manifest.json").rename(b / "heads" / "manifest.json")  # the whole heads folder moved over
     r = run(runner, "compare", "--cache", b, "--reports", tmp_path / "r")
     assert_clean_failure(r, "trained on cities", "refit")
     # same cities, same backbone, but a rebuilt cache: still refused
-    assert run(runner, "fit", "--head", "logreg", "--cache", a).exit_code == 0
+    assert run(runner, "fit", "--head", LOGREG, "--cache", a).exit_code == 0
     assert run(runner, "extract", tmp_path / "p1", "--cache", a, *FAST, "--overwrite").exit_code == 0
     assert_clean_failure(run(runner, "compare", "--cache", a, "--reports", tmp_path / "r"), "refit")
 
@@ -144,7 +145,7 @@ def test_bad_inputs_end_in_one_line(runner, tmp_path):
     assert_clean_failure(run(runner, "extract", empty, *FAST), "no images")
     assert_clean_failure(run(runner, "extract", tmp_path / "missing", *FAST), "does not exist")
     assert_clean_failure(run(runner, "fit", "--cache", tmp_path / "nocache"), "no feature cache", "featkit extract")
-    assert_clean_failure(run(runner, "fit", "--head", "xgb", "--cache", tmp_path), "unknown head 'xgb'", "logreg, mlp, svm")
+    assert_clean_failure(run(runner, "fit", "--head", "xgb", "--cache", tmp_path), "unknown head 'xgb'", ", ".join(HEAD_NAMES))
     assert_clean_failure(run(runner, "compare", "--cache", tmp_path / "nocache"), "no fitted heads")
 
 

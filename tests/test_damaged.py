@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FAST, fitted_cache
+from conftest import FAST, LOGREG, fitted_cache
 from featkit.cli import app
 from featkit.cache.names import cache_file
 from featkit.cache.store import FeatureStore
@@ -159,7 +159,7 @@ def test_damaged_cache_gives_one_line_never_numbers(cache, tmp_path, damage, say
     _one_error_line(r, path, says, fix)
     assert not (reports / "compare.json").exists(), "numbers were reported from a damaged cache"
 
-    r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
+    r = runner.invoke(app, ["fit", "--head", LOGREG, "--cache", str(cache), "--no-progress"])
     _one_error_line(r, path, says, fix)
     assert _digest(cache / "heads") == heads, "a fit on a damaged cache replaced a good head"
 
@@ -194,7 +194,7 @@ def test_repair_drops_and_re_extracts_only_the_damaged_rows(built, cache, damage
     assert ids == ids0  # every photo once, in its old split
     # the same features as the undamaged cache; a batch of another size may round the last float16 bit otherwise on CPU
     np.testing.assert_allclose(X, X0, rtol=2e-3, atol=1e-3)
-    r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
+    r = runner.invoke(app, ["fit", "--head", LOGREG, "--cache", str(cache), "--no-progress"])
     assert r.exit_code == 0, r.output
 
 

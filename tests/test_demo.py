@@ -7,6 +7,7 @@ import json
 
 from fakeflickr import FakeFlickr, make_catalog
 from featkit.cli import app
+from featkit.heads import HEAD_NAMES
 
 
 def test_demo_runs_the_whole_job_offline(runner, tmp_path):
@@ -16,7 +17,7 @@ def test_demo_runs_the_whole_job_offline(runner, tmp_path):
     assert "GENERATED photos" in r.output and "reports/demo/compare.html" in r.output
     data = json.loads((tmp_path / "reports" / "demo" / "compare.json").read_text())
     assert data["cities"] == ["London", "Paris", "Tokyo"]
-    assert set(data["heads"]) == {"mlp", "logreg", "svm"}
+    assert set(data["heads"]) == set(HEAD_NAMES)
     assert all(h["accuracy"] > 0.5 for h in data["heads"].values())  # chance is 1/3
     photos = sorted((tmp_path / "cache" / "demo" / "photos").rglob("*.jpg"))
     assert len(photos) == 48 and {p.parent.name for p in photos} == {"London", "Paris", "Tokyo"}

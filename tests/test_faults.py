@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, REPO, make_photos
+from conftest import FAST, LOGREG, MLP, REPO, SVM, make_photos
 
 SCALE = float(os.environ.get("FEATKIT_KILLS", "1"))
 
@@ -131,7 +131,7 @@ def test_store_survives_hundreds_of_sigkills(tmp_path):
 # --------------------------------------------------------------------------- featkit extract, killed in a chain
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the checkout's featkit, one thread
-FIT = ["fit", "--head", "logreg,svm,mlp", "--epochs", "3", "--no-progress"]
+FIT = ["fit", "--head", f"{LOGREG},{SVM},{MLP}", "--epochs", "3", "--no-progress"]
 
 
 def _featkit(*args) -> subprocess.Popen:

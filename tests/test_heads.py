@@ -9,7 +9,7 @@ from sklearn.datasets import make_blobs
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featkit.blocks import ArrayBlocks, shuffled_segments
-from featkit.heads import LinearSVMHead, LogRegHead, MLPHead, array_rms, make_head, scale_rows
+from featkit.heads import HEAD_NAMES, HEADS, LinearSVMHead, LogRegHead, MLPHead, array_rms, make_head, scale_rows
 from featkit.errors import FeatkitError
 
 SMALL = [
@@ -30,10 +30,10 @@ def _city_blobs(n=600, d=40, seed=0):
     return X, np.array(["Paris", "Tokyo", "Venice", "London"])[y]
 
 
-@pytest.mark.parametrize("name", ["mlp", "logreg", "svm"])
+@pytest.mark.parametrize("name", HEAD_NAMES)
 def test_heads_learn_city_labels_and_keep_strings(name):
     X, y = _city_blobs()
-    params = {"hidden_layer_sizes": (32,), "device": "cpu"} if name == "mlp" else {}
+    params = {"hidden_layer_sizes": (32,), "device": "cpu"} if HEADS[name] is MLPHead else {}
     head = make_head(name, random_state=0, **params).fit(X[:400], y[:400], X[400:500], y[400:500])
     assert list(head.classes_) == ["London", "Paris", "Tokyo", "Venice"]
     assert head.score(X[500:], y[500:]) > 0.8
@@ -76,10 +76,10 @@ def test_mlp_early_stopping_restores_best_epoch():
 
 
 def _validation_split(X, y):
-    from featkit.heads import _seed  # the same carve-out the head made
+    from featkit.heads.base import int_seed  # the same carve-out the head made
     from sklearn.model_selection import train_test_split
 
-    seed = _seed(0)
+    seed = int_seed(0)
     _, Xv, _, yv = train_test_split(X, y, test_size=int(round(0.1 * len(y))), random_state=seed, stratify=y)
     return Xv, yv
 
@@ -146,5 +146,5 @@ def test_shuffled_segments_cover_each_row_once():
 
 
 def test_unknown_head_lists_choices():
-    with pytest.raises(FeatkitError, match="choose one of: logreg, mlp, svm"):
+    with pytest.raises(FeatkitError, match="choose one of: " + ", ".join(HEAD_NAMES)):
         make_head("xgb")

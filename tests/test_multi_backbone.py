@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import featkit
-from conftest import FAST, make_photos
+from conftest import FAST, LOGREG, make_photos
 from featkit.cli import app
 from featkit.errors import UntrustedHeadWarning
 from featkit.cache.names import backbone_keys, cache_file, heads_dir
@@ -56,11 +56,11 @@ def test_second_backbone_gets_its_own_file_the_same_split_and_leaves_the_first_a
 def test_heads_per_backbone_and_one_comparison_of_every_pair(two_backbones, tmp_path):
     photos, cache, _ = two_backbones
     keys = backbone_keys(cache)
-    records = featkit.fit(cache, head="logreg", progress=False, log=lambda m: None)
+    records = featkit.fit(cache, head=LOGREG, progress=False, log=lambda m: None)
     assert [r["backbone"] for r in records] == keys
-    assert (heads_dir(cache) / "logreg.joblib").exists() and (heads_dir(cache, keys[1]) / "logreg.joblib").exists()
+    assert (heads_dir(cache) / f"{LOGREG}.joblib").exists() and (heads_dir(cache, keys[1]) / f"{LOGREG}.joblib").exists()
     results, paths = featkit.compare(cache, tmp_path / "reports", leaks=False)
-    names = [f"{k}/logreg" for k in keys]
+    names = [f"{k}/{LOGREG}" for k in keys]
     assert set(results["heads"]) == set(names)
     pair = results["ranking"]["pairs"]
     assert len(pair) == 1 and {next(iter(pair.values()))["a"], next(iter(pair.values()))["b"]} == set(names)
@@ -71,12 +71,12 @@ def test_heads_per_backbone_and_one_comparison_of_every_pair(two_backbones, tmp_
     stray = heads_dir(cache, keys[1]) / "stray.joblib"
     manifest = heads_dir(cache, keys[1]) / "manifest.json"
     saved = manifest.read_text()
-    shutil.copy(heads_dir(cache) / "logreg.joblib", stray)
+    shutil.copy(heads_dir(cache) / f"{LOGREG}.joblib", stray)
     try:
         with pytest.warns(UntrustedHeadWarning, match="stray.joblib"):  # not in this folder's manifest: never loaded
             featkit.compare(cache, tmp_path / "reports", leaks=False)
         entries = json.loads(saved)
-        entries["heads"]["stray.joblib"] = json.loads((heads_dir(cache) / "manifest.json").read_text())["heads"]["logreg.joblib"]
+        entries["heads"]["stray.joblib"] = json.loads((heads_dir(cache) / "manifest.json").read_text())["heads"][f"{LOGREG}.joblib"]
         manifest.write_text(json.dumps(entries))  # heads folders mixed up, manifests and all: the identity still tells
         with pytest.raises(featkit.FeatkitError, match=r"arch=vgg16.*arch=timm:tf_efficientnet_lite0"):
             featkit.compare(cache, tmp_path / "reports", leaks=False)
@@ -85,12 +85,12 @@ def test_heads_per_backbone_and_one_comparison_of_every_pair(two_backbones, tmp_
         manifest.write_text(saved)
     # predict uses the named backbone's head and rebuilds that backbone
     files = sorted((photos / "Tokyo").glob("*.jpg"))[:3]
-    preds = featkit.predict(files, cache, head=f"{keys[1]}/logreg", top=3)
+    preds = featkit.predict(files, cache, head=f"{keys[1]}/{LOGREG}", top=3)
     assert len(preds) == 3 and all(p.error is None and len(p.top) == 3 for p in preds)
     # the same numbers the head saw in the cache (this backbone resizes bicubic, as its config says)
     from featkit.cache.shelf import load_head
 
-    est, _ = load_head(heads_dir(cache, keys[1]) / "logreg.joblib")
+    est, _ = load_head(heads_dir(cache, keys[1]) / f"{LOGREG}.joblib")
     with FeatureStore.open(cache_file(cache, keys[1])) as store:
         ids = list(store.column("path"))
         X = store.read_features(np.array([ids.index(str(f)) for f in files]))
@@ -116,7 +116,7 @@ def test_split_redraws_every_backbone_alike_and_fit_can_take_one_backbone(two_ba
     counts = featkit.split(other, test_size=4, val_size=1)
     assert counts["test"] == {"Paris": 4, "Tokyo": 4, "Venice": 4}
     assert _splits(cache_file(other, keys[0])) == _splits(cache_file(other, keys[1]))
-    r = runner.invoke(app, ["fit", "--head", "logreg", "--backbone", keys[1], "--cache", str(other), "--no-progress"])
+    r = runner.invoke(app, ["fit", "--head", LOGREG, "--backbone", keys[1], "--cache", str(other), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "1 head(s) fitted" in r.output
     r = runner.invoke(app, ["fit", "--backbone", "resnet50", "--cache", str(other)])

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import featkit
-from conftest import REPO, make_photos
+from conftest import LOGREG, REPO, SVM, make_photos
 from featkit.backbones import BackboneSpec, load_backbone
 from featkit.cli import app
 from featkit.errors import FeatkitError
@@ -40,14 +40,14 @@ def built(tmp_path_factory):
     photos = make_photos(root / "photos", cities=CITIES, n=10)
     cache = root / "cache"
     featkit.extract(photos, cache, weights="random", image_size=SIZE, batch_size=8, workers=0, progress=False, test_size=2, val_size=2)
-    featkit.fit(cache, head="logreg,svm", progress=False, log=lambda m: None)
+    featkit.fit(cache, head=f"{LOGREG},{SVM}", progress=False, log=lambda m: None)
     return {"root": root, "photos": photos, "cache": cache}
 
 
 @pytest.fixture(scope="module")
 def predictor(built):
     """No ``weights``: the ones the cache's provenance records (random, seed 0)."""
-    return Predictor(built["cache"], "logreg", workers=0)
+    return Predictor(built["cache"], LOGREG, workers=0)
 
 
 def _png(path: Path, mode: str = "RGB") -> Path:
@@ -62,7 +62,7 @@ def test_predictions_are_the_heads_own_on_the_cached_features(built, predictor):
     with FeatureStore.open(cache_file(built["cache"])) as store:
         paths = list(store.column("path"))
         X = store.read_features(np.arange(store.n_rows))
-    head, _ = load_head(heads_dir(built["cache"]) / "logreg.joblib")
+    head, _ = load_head(heads_dir(built["cache"]) / f"{LOGREG}.joblib")
     want = head.predict_proba(X)
     got = predictor.predict(paths, top=3)
     assert [p.source for p in got] == paths and all(isinstance(p, Prediction) and p.error is None for p in got)
@@ -131,7 +131,7 @@ def test_bad_arguments_are_refused(tmp_path, built, predictor):
         predictor.predict([built["photos"], 3])
     with pytest.raises(FeatkitError, match="nothing to predict"):
         predictor.predict([])
-    with pytest.raises(FeatkitError, match=r"no fitted head 'xgb' in .*heads; fitted: logreg, svm") as e:
+    with pytest.raises(FeatkitError, match=rf"no fitted head 'xgb' in .*heads; fitted: {', '.join(sorted((LOGREG, SVM)))}") as e:
         Predictor(built["cache"], "xgb")
     assert e.value.param == "head"
     (tmp_path / "heads").mkdir()
@@ -145,10 +145,10 @@ def test_weights_of_another_backbone_are_refused_naming_both(tmp_path, built):
     other = tmp_path / "other.pth"
     torch.save(net.features.state_dict(), other)
     with pytest.raises(FeatkitError) as e:
-        Predictor(built["cache"], "logreg", weights=str(other))
+        Predictor(built["cache"], LOGREG, weights=str(other))
     msg = str(e.value)
     assert e.value.param == "weights" and "\n" not in msg
-    assert re.search(r"head 'logreg' .* was built with \[.*weights_sha256=\w{12}.*\] but this run uses \[.*weights_sha256=\w{12}", msg), msg
+    assert re.search(rf"head '{LOGREG}' .* was built with \[.*weights_sha256=\w{{12}}.*\] but this run uses \[.*weights_sha256=\w{{12}}", msg), msg
     assert re.search(r"differs in: weights_sha256\).*random:seed=0.*`weights` given are file:other\.pth", msg), msg
 
 
@@ -178,14 +178,14 @@ def test_default_weights_come_from_the_caches_provenance(tmp_path, built, predic
     assert predictor.spec.weights == "random:seed=0"  # built without `weights`
     old = _with_provenance(tmp_path / "old", built, weights_source=None, weights_seed=None)  # a cache from before
     with pytest.raises(FeatkitError, match=r"does not record where its backbone's weights are .*random:seed=0.*pass `weights` PATH"):
-        Predictor(old, "svm")
+        Predictor(old, SVM)
     moved = _with_provenance(tmp_path / "moved", built, weights_source=str(tmp_path / "gone.pth"))
     with pytest.raises(FeatkitError, match=r"weights file .*gone\.pth, which is not there any more; pass `weights` PATH"):
-        Predictor(moved, "svm")
+        Predictor(moved, SVM)
     # given weights win, and pass the identity check when they are the head's: the same tensors from a file
     same = tmp_path / "same.pth"
     torch.save(predictor.net.features.state_dict(), same)
-    again = Predictor(moved, "svm", weights=str(same), workers=0)
+    again = Predictor(moved, SVM, weights=str(same), workers=0)
     assert again.spec.weights == "file:same.pth" and again.predict(built["photos"] / "Paris" / "000.jpg")[0].city == "Paris"
 
 
@@ -199,20 +199,20 @@ def test_cli_table_json_csv_and_exit_codes(runner, tmp_path, built):
     (tmp_path / "broken.jpg").write_text("not an image")
     paris, tokyo = photos / "Paris" / "004.jpg", photos / "Tokyo" / "004.jpg"
     out_csv = tmp_path / "out" / "pred.csv"
-    r = run(runner, paris, tmp_path / "broken.jpg", tokyo, "--cache", cache, "--head", "logreg", "--top", "2", "--csv", out_csv)
+    r = run(runner, paris, tmp_path / "broken.jpg", tokyo, "--cache", cache, "--head", LOGREG, "--top", "2", "--csv", out_csv)
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{paris}  Paris 0.") and lines[1].startswith(f"{tokyo}  Tokyo 0.")
     assert re.fullmatch(r"\S+  Paris 0\.\d\d  \w+ 0\.\d\d", lines[0]), lines[0]
     assert f"{tmp_path / 'broken.jpg'}: unreadable (not an image Pillow can identify)" in r.stderr
-    assert re.search(r"2 predicted, 1 unreadable; head logreg \(val accuracy [\d.]+\), backbone vgg16 weights=random:seed=0", r.stderr)
+    assert re.search(rf"2 predicted, 1 unreadable; head {LOGREG} \(val accuracy [\d.]+\), backbone vgg16 weights=random:seed=0", r.stderr)
     rows = list(csv.DictReader(out_csv.open()))
     assert list(rows[0]) == ["source", "rank", "city", "probability", "error"]
     assert [(r_["source"], r_["rank"], r_["city"]) for r_ in rows if r_["rank"] == "1"] == [(str(paris), "1", "Paris"), (str(tokyo), "1", "Tokyo")]
     assert len(rows) == 5 and rows[2]["error"] == "not an image Pillow can identify" and rows[2]["city"] == ""
 
     # no --head: the best on validation (the first by name on a tie); --top past the cities: all of them
-    records = {n: load_head(heads_dir(cache) / f"{n}.joblib")[1] for n in ("logreg", "svm")}
+    records = {n: load_head(heads_dir(cache) / f"{n}.joblib")[1] for n in (LOGREG, SVM)}
     best = max(sorted(records), key=lambda n: records[n]["val_score"])
     r = run(runner, photos / "Venice", "--cache", cache, "--json", "--top", "10")
     assert r.exit_code == 0, r.output
@@ -232,7 +232,7 @@ def test_cli_failures(runner, tmp_path, built):
     assert [json.loads(line)["error"] for line in r.stdout.splitlines()] == ["empty file (0 bytes)", "file not found"]
     for args, fragment in (
         (["--top", "0"], "--top must be a whole number of cities, at least 1"),
-        (["--head", "xgb"], "fitted: logreg, svm"),
+        (["--head", "xgb"], f"fitted: {', '.join(sorted((LOGREG, SVM)))}"),
         (["--weights", "random", "--seed", "1"], "--weights given are random:seed=1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
     ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from conftest import MLP
 from featkit.metrics import evaluate_predictions
 from featkit.report import render_markdown, study_accuracy, write_report
 
@@ -36,13 +37,13 @@ def test_study_column_only_with_the_studys_ten_cities(tmp_path):
     y = np.repeat(cities, 3)
     p = np.eye(n)[np.repeat(np.arange(n), 3)]
     head = evaluate_predictions(cities, y, p, np.array(cities))
-    results = {"cities": cities, "heads": {"mlp": {**head, "val_score": 0.5, "fit_seconds": 1.0, "chosen": {}}},
+    results = {"cities": cities, "heads": {MLP: {**head, "val_score": 0.5, "fit_seconds": 1.0, "chosen": {}}},
                "n_test": {c: 3 for c in cities}}
     md = render_markdown(results)
-    assert "| study |" in md or "| mlp | study |" in md
+    assert "| study |" in md or f"| {MLP} | study |" in md
     assert "| New York | 3 | 1.000 (1.000-1.000) | 0.857 |" in md and "| **overall** | 30 | 1.000 (1.000-1.000) | 0.610 |" in md
     paths = write_report(results, tmp_path)
-    assert paths["png_mlp"].exists() and paths["json"].exists()
+    assert paths[f"png_{MLP}"].exists() and paths["json"].exists()
     results["cities"] = cities[:3]
     results["n_test"] = {c: 3 for c in cities[:3]}
-    assert "study" not in render_markdown({**results, "heads": {"mlp": {**evaluate_predictions(cities[:3], y[:9], p[:9, :3], np.array(cities[:3])), "val_score": 1, "fit_seconds": 1, "chosen": {}}}}).split("## Predicted")[0].lower().replace("study's", "")
+    assert "study" not in render_markdown({**results, "heads": {MLP: {**evaluate_predictions(cities[:3], y[:9], p[:9, :3], np.array(cities[:3])), "val_score": 1, "fit_seconds": 1, "chosen": {}}}}).split("## Predicted")[0].lower().replace("study's", "")

@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 import featkit
-from conftest import make_photos
+from conftest import LOGREG, MLP, make_photos
 from featkit.leaks import SplitPhoto, split_leaks
 from featkit.cities import EARTH_RADIUS_KM, great_circle_km
 from featkit.metrics import balanced_accuracy, calibration, confused_pairs, evaluate_predictions, geographic_error
@@ -142,10 +142,10 @@ def _results(tmp_path, cities=("Paris", "Tokyo", HOSTILE)):
         photos.append({"photo_id": str(i), "city": str(c), "path": str(path), "owner": ""})
     leaks = split_leaks([SplitPhoto(p["photo_id"], p["city"], "test", p["path"], "") for p in photos])
     return {
-        "cities": cities, "heads": {"mlp": {**head, "val_score": 0.5, "fit_seconds": 1.0, "chosen": {"alpha": 0.1}}},
+        "cities": cities, "heads": {MLP: {**head, "val_score": 0.5, "fit_seconds": 1.0, "chosen": {"alpha": 0.1}}},
         "n_test": {c: 6 for c in cities}, "test_photos": photos, "leaks": leaks,
         "geo": {"source": "a test", "missing": [], "coords": {}}, "backbone": "vgg16 <b>test</b>",
-        "ranking": {"ranking": ["mlp"], "pairs": {}, "verdict": "mlp is the only head."},
+        "ranking": {"ranking": [MLP], "pairs": {}, "verdict": f"{MLP} is the only head."},
     }
 
 
@@ -154,7 +154,7 @@ def _data_uris(html: str) -> list[bytes]:
 
 
 def _n_thumbs(results, k=4):
-    m = results["heads"]["mlp"]
+    m = results["heads"][MLP]
     per = {}
     for p, ok in zip(results["test_photos"], m["correct"]):
         per.setdefault(p["city"], [0, 0])[0 if ok else 1] += 1
@@ -192,24 +192,24 @@ def test_markdown_escapes_outside_text(tmp_path):
 def test_report_without_coordinates_says_so(tmp_path):
     results = _results(tmp_path)
     results["geo"] = {"source": "featkit's default cities", "missing": ["Atlantis"], "coords": {}}
-    del results["heads"]["mlp"]["geo"]
+    del results["heads"][MLP]["geo"]
     paths = write_report(results, tmp_path / "r")
     assert "No distances: no coordinates for Atlantis" in paths["md"].read_text()
     assert "No distances: no coordinates for Atlantis" in paths["html"].read_text()
-    assert paths["png_mlp"].name == "confusion_mlp.png" and paths["png_mlp"].exists()
+    assert paths[f"png_{MLP}"].name == f"confusion_{MLP}.png" and paths[f"png_{MLP}"].exists()
 
 
 def test_compare_writes_html_with_distances_galleries_and_a_clean_split_check(tmp_path):
     photos = make_photos(tmp_path / "photos", cities=("Paris", "Tokyo", "Venice"), n=10)
     cache = tmp_path / "cache"
     featkit.extract(photos, cache, weights="random", image_size=32, batch_size=8, workers=0, progress=False, test_size=3, val_size=2)
-    featkit.fit(cache, head="logreg", progress=False, log=lambda m: None)
+    featkit.fit(cache, head=LOGREG, progress=False, log=lambda m: None)
     results, paths = featkit.compare(cache, tmp_path / "reports")
-    head = results["heads"]["logreg"]
+    head = results["heads"][LOGREG]
     assert head["geo"]["n"] == 9 and results["geo"]["source"] == "featkit's default cities"
     assert results["leaks"]["near_duplicate_pairs"] == 0 and results["leaks"]["n_unhashed"] == 0
     html = paths["html"].read_text()
-    assert "How far off" in html and "Photos right and wrong (logreg)" in html and len(_data_uris(html)) >= 9 + 4
+    assert "How far off" in html and f"Photos right and wrong ({LOGREG})" in html and len(_data_uris(html)) >= 9 + 4
     # a cities.toml beside the city folders wins over the defaults (here: Tokyo moved to the equator)
     (photos / "cities.toml").write_text(
         '[[city]]\nname = "Paris"\nlat = 0.0\nlon = 0.0\n[[city]]\nname = "Tokyo"\nlat = 0.0\nlon = 90.0\n[[city]]\nname = "Venice"\nlat = 0.0\nlon = 1.0\n'
@@ -219,7 +219,7 @@ def test_compare_writes_html_with_distances_galleries_and_a_clean_split_check(tm
     # a cities file without one of the cities: the figure is skipped and the city named
     (tmp_path / "two.toml").write_text('[[city]]\nname = "Paris"\nlat = 1.0\nlon = 2.0\n[[city]]\nname = "Tokyo"\nlat = 3.0\nlon = 4.0\n')
     results, paths = featkit.compare(cache, tmp_path / "reports", cities=str(tmp_path / "two.toml"), leaks=False)
-    assert results["geo"]["missing"] == ["Venice"] and "geo" not in results["heads"]["logreg"]
+    assert results["geo"]["missing"] == ["Venice"] and "geo" not in results["heads"][LOGREG]
 
 
 # --------------------------------------------------------------------------- headless Chromium

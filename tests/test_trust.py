@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import featkit
-from conftest import make_photos
+from conftest import LOGREG, MLP, make_photos
 from featkit.cli import app
 from featkit.errors import UntrustedHeadWarning
 from featkit.cache.names import HEADS_MANIFEST
@@ -33,7 +33,7 @@ def fitted(tmp_path_factory):
     photos = make_photos(root / "photos", cities=("Paris", "Tokyo"), n=10)
     cache = root / "cache"
     featkit.extract(photos, cache, weights="random", image_size=32, batch_size=8, workers=0, progress=False, test_size=3, val_size=2)
-    featkit.fit(cache, head="logreg", progress=False, log=lambda m: None)
+    featkit.fit(cache, head=LOGREG, progress=False, log=lambda m: None)
     return photos, cache
 
 
@@ -46,22 +46,22 @@ def _copy(cache, tmp_path):
 def test_fit_writes_a_manifest_of_its_heads_with_their_sha256(fitted):
     _, cache = fitted
     manifest = json.loads((heads_dir(cache) / HEADS_MANIFEST).read_text())
-    assert set(manifest["heads"]) == {"logreg.joblib"} and len(manifest["heads"]["logreg.joblib"]["sha256"]) == 64
+    assert set(manifest["heads"]) == {f"{LOGREG}.joblib"} and len(manifest["heads"][f"{LOGREG}.joblib"]["sha256"]) == 64
     trusted, ignored = trusted_heads(heads_dir(cache))
-    assert [p.name for p in trusted] == ["logreg.joblib"] and ignored == []
+    assert [p.name for p in trusted] == [f"{LOGREG}.joblib"] and ignored == []
 
 
 def test_a_planted_head_is_never_unpickled_and_a_stale_copy_never_replaces_the_real_one(fitted, tmp_path, runner):
     cache = _copy(fitted[1], tmp_path)
     marker = tmp_path / "PWNED"
     (heads_dir(cache) / "evil.joblib").write_bytes(pickle.dumps(_Payload(marker)))
-    shutil.copy(heads_dir(cache) / "logreg.joblib", heads_dir(cache) / "mlp_backup.joblib")
+    shutil.copy(heads_dir(cache) / f"{LOGREG}.joblib", heads_dir(cache) / f"{MLP}_backup.joblib")
     r = runner.invoke(app, ["compare", "--cache", str(cache), "--reports", str(tmp_path / "r"), "--no-leaks"])
     assert r.exit_code == 0, r.output
     assert "warning: ignored 2 head file(s)" in r.output and "evil.joblib" in r.output and "pickle" in r.output
     assert not marker.exists()
     data = json.loads((tmp_path / "r" / "compare.json").read_text())
-    assert set(data["heads"]) == {"logreg"}
+    assert set(data["heads"]) == {LOGREG}
     with pytest.warns(UntrustedHeadWarning):
         preds = featkit.predict([str(p) for p in sorted((fitted[0] / "Paris").glob("*.jpg"))[:1]], cache)
     assert preds[0].error is None and not marker.exists()
@@ -72,7 +72,7 @@ def test_a_planted_head_is_never_unpickled_and_a_stale_copy_never_replaces_the_r
 
 def test_an_edited_head_is_refused_and_with_none_left_compare_says_why(fitted, tmp_path, runner):
     cache = _copy(fitted[1], tmp_path)
-    head = heads_dir(cache) / "logreg.joblib"
+    head = heads_dir(cache) / f"{LOGREG}.joblib"
     data = bytearray(head.read_bytes())
     data[len(data) // 2] ^= 0xFF
     head.write_bytes(bytes(data))
@@ -82,9 +82,9 @@ def test_an_edited_head_is_refused_and_with_none_left_compare_says_why(fitted, t
     assert r.exit_code == 2
     assert "error: no fitted heads" in r.output and "1 file(s) there are not featkit's own" in r.output
     # refitting trusts the new file again
-    r = runner.invoke(app, ["fit", "--head", "logreg", "--cache", str(cache), "--no-progress"])
+    r = runner.invoke(app, ["fit", "--head", LOGREG, "--cache", str(cache), "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert [p.name for p in trusted_heads(heads_dir(cache))[0]] == ["logreg.joblib"]
+    assert [p.name for p in trusted_heads(heads_dir(cache))[0]] == [f"{LOGREG}.joblib"]
 
 
 def test_concurrent_saves_keep_every_manifest_entry(tmp_path):
@@ -122,5 +122,5 @@ def test_predict_refuses_heads_copied_in_from_another_cache_naming_the_file(fitt
     r = runner.invoke(app, ["predict", str(photos / "Paris" / "000.jpg"), "--cache", str(other), "--workers", "0"])
     assert r.exit_code != 0, r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and str(heads_dir(other) / "logreg.joblib") in errors[0] and "not fitted on this cache" in errors[0], r.output
+    assert len(errors) == 1 and str(heads_dir(other) / f"{LOGREG}.joblib") in errors[0] and "not fitted on this cache" in errors[0], r.output
     assert "Paris" not in r.output.replace(str(photos / "Paris"), "")

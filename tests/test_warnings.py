@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST, fitted_cache, make_photos
+from conftest import FAST, LOGREG, fitted_cache, make_photos
 from fakeflickr import FakeFlickr, make_catalog
 from featkit.cli import app
 
@@ -91,7 +91,7 @@ def test_a_third_party_warning_ends_each_cache_command_normally(runner, monkeypa
         "extract": ["extract", photos, "--cache", cache, *FAST, "--test-size", "4", "--val-size", "4"],
         "split": ["split", "--cache", cache, "--test-size", "4", "--val-size", "4"],
         "verify": ["verify", "--cache", cache],
-        "fit": ["fit", "--head", "logreg", "--cache", cache, "--no-progress"],
+        "fit": ["fit", "--head", LOGREG, "--cache", cache, "--no-progress"],
         "compare": ["compare", "--cache", cache, "--reports", tmp_path / "reports"],
         "predict": ["predict", photos / "Paris" / "000.jpg", "--cache", cache, "--workers", "0"],
     }[command]
