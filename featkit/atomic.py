@@ -66,3 +66,49 @@ def atomic_write(path: str | Path, data: str | bytes, *, encoding: str = "utf-8"
             tmp.write_text(data, encoding=encoding)
         else:
             tmp.write_bytes(data)
+
+
+RUNS_DIR = ".runs"  # inside a folder written by publish_files: one subfolder per run, the newest linked as current
+CURRENT = "current"
+
+
+def _symlink_over(target: str, link: Path) -> None:
+    """Make ``link`` a symbolic link to ``target`` in one rename (whatever ``link`` was before)."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def publish_files(folder: str | Path, files: dict[str, str | bytes], run_id: str) -> dict[str, Path]:
+    """Write a set of files that belong together (a report's ``compare.md``, ``.json``, ``.html`` and figures)
+    so that a reader, or a kill at any moment, sees all of one run or all of the one before, never a mix.
+
+    The files go to ``folder/.runs/<run_id>/`` (each synced); then one rename points ``folder/current`` at
+    that run. ``folder/<name>`` is a link to ``current/<name>``, made once (a plain file an older featkit
+    wrote is replaced by it after the switch). Earlier runs, and links to files this run lacks, are removed
+    last. Returns ``{name: folder/<name>}``.
+    """
+    folder = Path(folder)
+    runs = folder / RUNS_DIR
+    run = runs / run_id
+    run.mkdir(parents=True, exist_ok=False)
+    for name, data in files.items():
+        atomic_write(run / name, data)
+    _fsync_dir(runs)
+    _symlink_over(f"{RUNS_DIR}/{run_id}", folder / CURRENT)  # the switch: every name at once
+    _fsync_dir(folder)
+    for name in files:
+        link = folder / name
+        if not (link.is_symlink() and os.readlink(link) == f"{CURRENT}/{name}"):
+            _symlink_over(f"{CURRENT}/{name}", link)
+    for entry in folder.iterdir():
+        if entry.is_symlink() and os.readlink(entry).startswith(f"{CURRENT}/") and entry.name not in files:
+            entry.unlink()  # a figure of a head this run no longer has
+    for old in runs.iterdir():
+        if old.name != run_id:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(folder)
+    return {name: folder / name for name in files}

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+import uuid
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from featkit.atomic import atomic_write
+from featkit.atomic import publish_files
 from featkit.escape import printable
 from featkit.comparison import Comparison, as_dict
 
@@ -79,7 +81,8 @@ def render_markdown(results: Comparison | dict) -> str:
         "",
         f"Test split: {sum(results['n_test'].values())} photos; every head is evaluated on the same photos. "
         f"Cache: {md(results.get('cache_path', ''))} ({md(results.get('backbone', ''))}). "
-        "The same report with figures and photo galleries: `compare.html`.",
+        "The same report with figures and photo galleries: `compare.html`."
+        + (f" Run `{md(results['run_id'])}` (compare.json and compare.html name the same run)." if results.get("run_id") else ""),
         "",
     ]
     ranking = results.get("ranking")
@@ -329,21 +332,24 @@ def render_html(results: Comparison | dict, confusion_pngs: dict[str, bytes] | N
 
 
 def write_report(results: Comparison | dict, reports_dir: str | Path) -> dict[str, Path]:
-    """Write compare.md, compare.json (:meth:`Comparison.to_dict`), compare.html and one confusion PNG per head;
-    return their paths."""
+    """Write compare.md, compare.json (:meth:`Comparison.to_dict`), compare.html and one confusion PNG per head
+    as one set (:func:`featkit.atomic.publish_files`: a kill leaves all of this run or all of the last one),
+    each naming the run (``run_id``); return their paths."""
     from featkit.figures import confusion_png
 
-    results = as_dict(results)
+    results = dict(as_dict(results))
+    results["run_id"] = run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     out = Path(reports_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "compare.md", "json": out / "compare.json", "html": out / "compare.html"}
+    files: dict[str, str | bytes] = {}
     pngs = {}
     for h, info in results["heads"].items():
-        p = out / _png_name(h)
         pngs[h] = confusion_png(info["confusion"], results["cities"], f"{h}: accuracy {info['accuracy']:.3f}")
-        atomic_write(p, pngs[h])
-        paths[f"png_{h}"] = p
-    atomic_write(paths["json"], json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
-    atomic_write(paths["md"], render_markdown(results))
-    atomic_write(paths["html"], render_html(results, pngs))
+        files[_png_name(h)] = pngs[h]
+    files["compare.json"] = json.dumps(results, indent=1, sort_keys=False, default=str) + "\n"
+    files["compare.md"] = render_markdown(results)
+    files["compare.html"] = render_html(results, pngs)
+    written = publish_files(out, files, run_id)
+    paths = {"md": written["compare.md"], "json": written["compare.json"], "html": written["compare.html"]}
+    paths.update({f"png_{h}": written[_png_name(h)] for h in results["heads"]})
     return paths

@@ -27,7 +27,7 @@ def test_compare_json_keeps_its_keys_and_the_api_returns_the_typed_result(tmp_pa
     r = runner.invoke(app, ["compare", "--cache", str(cache), "--reports", str(tmp_path / "reports"), "--no-leaks"])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "reports" / "compare.json").read_text())
-    assert list(data) == TOP_KEYS and list(data["ranking"]) == RANKING_KEYS
+    assert list(data) == TOP_KEYS + ["run_id"] and list(data["ranking"]) == RANKING_KEYS  # run_id: an addition
     for h in data["heads"].values():
         assert list(h) == HEAD_KEYS
     results, _ = featkit.compare(cache, tmp_path / "again", leaks=False)
