@@ -124,9 +124,10 @@ def featkit_extract(photos, net, spec, cache: Path, dev_arg: str, batch_size: in
 def plain_extract(photos, net, spec, cache: Path, options):
     """(plain) extract_features as it was before the writer thread: the same parts, each batch written in the caller."""
     from featkit.devices import resolve_device
-    from featkit.extraction import ExtractSummary, feature_batches, plan, write_batches
     from featkit.cache.identity import cache_identity
     from featkit.cache.store import FeatureStore
+    from featkit.engine import feature_batches
+    from featkit.extraction import ExtractSummary, plan, write_batches
 
     dev = resolve_device(options.device)
     with FeatureStore.open_for_append(cache, cache_identity(spec, options.dtype), overwrite=options.overwrite) as store:
@@ -224,7 +225,8 @@ def main(argv=None) -> None:
     from featkit.backbones import backbone_gmacs
     from featkit.devices import resolve_device
     from featkit.errors import FeatkitError
-    from featkit.extraction import default_workers, resolve_decode
+    from featkit.decoding import resolve_decode
+    from featkit.engine import default_workers
 
     try:
         dev = resolve_device(args.device)

@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     from featkit.backbones import load_backbone
     from featkit.devices import resolve_device
     from featkit.errors import FeatkitError
-    from featkit.extraction import default_workers
+    from featkit.engine import default_workers
     from featkit.splits import assign_splits
 
     try:

@@ -40,7 +40,8 @@ def extract(
     (``backbone="timm:convnext_tiny", weights=PATH, batch_size=32, device="cuda"``). Under torchrun every
     process calls this with the same arguments and the photos are sharded.
     """
-    from featkit.backbones import load_backbone, parse_image_size, weights_source
+    from featkit.backbone_spec import parse_image_size, weights_source
+    from featkit.backbones import load_backbone
     from featkit.devices import resolve_device
     from featkit.distributed import extract_distributed, torchrun_env
     from featkit.extraction import extract_features, shared_split
@@ -50,14 +51,14 @@ def extract(
 
     backbone, options = _split_overrides(backbone_options, options, overrides)
     parse_image_size(backbone.image_size)
-    resolve_device(options.device)  # fail on a missing GPU before loading anything
+    dev = resolve_device(options.device)  # the run's device, resolved once: a missing GPU fails before anything loads
     ensure_writable_dir(cache_dir, "cache_dir")  # before an hour of extraction, not after
     photos = scan_photos(source)
     net, spec = load_backbone(
         backbone.weights, arch=backbone.backbone, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.seed, flip=backbone.flip
     )
     path = cache_file(cache_dir, spec.key)  # one file per backbone; the folder's backbones share one split
-    shared_split(path, options)  # another protocol than the other backbones' is refused before anything is written
+    shared = shared_split(path, options)  # read once; another protocol than the other backbones' is refused before anything is written
     repaired = 0
     if options.repair and not options.overwrite and path.exists():
         from featkit.cache.store import verify_cache
@@ -66,9 +67,9 @@ def extract(
     source = weights_source(backbone.weights)  # recorded in the cache, so `predict` finds the same weights
     ranks = torchrun_env()
     if ranks is not None:
-        summary = extract_distributed(photos, net, spec, path, options, ranks, on_batch=on_batch, weights_source=source)
+        summary = extract_distributed(photos, net, spec, path, options, ranks, on_batch=on_batch, weights_source=source, device=dev, shared=shared)
     else:
-        summary = extract_features(photos, net, spec, path, options, on_batch=on_batch, weights_source=source)
+        summary = extract_features(photos, net, spec, path, options, on_batch=on_batch, weights_source=source, device=dev, shared=shared)
     summary.n_repaired = repaired
     return summary
 

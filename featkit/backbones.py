@@ -1,8 +1,9 @@
 """The frozen feature extractor: VGG16's conv base, any torchvision classifier or any timm model,
-with its preprocessing and identity.
+built with its weights and its preprocessing (:func:`load_backbone`), and its GMAC count.
 
 Like torchvision's ``Weights`` enums, a backbone is described by a small frozen
-dataclass (:class:`BackboneSpec`) that travels into the feature cache, so a
+dataclass (:class:`~featkit.backbone_spec.BackboneSpec`, which :mod:`featkit.backbone_spec`
+owns with the input sizes, the backbone names and their defaults) that travels into the feature cache, so a
 cache built with one set of weights, input size, pooling, resampling filter or
 flip averaging is never read as another. The preprocessing (scale to [0, 1],
 normalise with the weights' mean/std) lives inside the module, so nobody re-types it.
@@ -37,185 +38,37 @@ feature width); ViTs only their own square size.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from featkit.backbone_spec import (
+    DEFAULT_INTERPOLATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    POOLINGS,
+    RANDOM_SOURCE,
+    TORCHVISION_DEFAULT,
+    BackboneSpec,
+    check_arch,
+    check_vgg16_size,
+    format_image_size,
+    is_torchvision_vit,
+    parse_image_size,
+    timm_model,
+    timm_name,
+    timm_pool,
+    timm_preprocessing,
+    torchvision_preprocessing,
+)
 from featkit.errors import FeatkitError
 from featkit.images import INTERPOLATIONS, size_wh
 from featkit.options import BACKBONE, EXTRACT
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLINGS = ("flatten", "avg")  # VGG16's
-ARCHS = ("vgg16",)  # featkit's own; besides these: torchvision classification model names and timm:NAME
-TIMM_PREFIX = "timm:"
-TORCHVISION_DEFAULT = "torchvision:VGG16_Weights.IMAGENET1K_V1"
-DEFAULT_KEY = "vgg16"  # the key of the study's features: vgg16, flatten, 224, no flip
-DEFAULT_INTERPOLATION = "bilinear"
-MIN_IMAGE_SIZE = 32  # pixels a side: every CNN here halves its input five times (VGG16 flatten needs 32)
-MAX_IMAGE_SIZE = 4096  # pixels a side
-MAX_IMAGE_PIXELS = 2048 * 2048  # a photo: VGG16's first activations are already 0.5 GB at float16 per photo
 VGG16_GRID = (7, 7)  # the conv map at 224: what the study's heads expect of ``flatten``
-
-
-def parse_image_size(value) -> int | tuple[int, int] | None:
-    """An input size as given (an int, a ``(W, H)`` pair, ``"320x224"``, ``"224"``, or None for the
-    backbone's own) -> an int for a square (``"224x224"`` -> 224), a ``(W, H)`` tuple otherwise, or None.
-    Bad text, sides below 32 or above 4096, or more than 2048x2048 pixels are a one-line :class:`FeatkitError`
-    about `image_size`."""
-    if value is None:
-        return None
-    parts = None
-    if isinstance(value, str):
-        text = value.strip().lower().replace("\u00d7", "x")
-        pieces = [t.strip() for t in text.split("x")] if text else []
-        if len(pieces) in (1, 2) and all(t.isdigit() and t.isascii() for t in pieces):
-            parts = [int(t) for t in pieces]
-    elif isinstance(value, (tuple, list)):
-        if len(value) == 2 and all(_is_int(v) for v in value):
-            parts = [int(v) for v in value]
-    elif _is_int(value):
-        parts = [int(value)]
-    if parts is None:
-        raise FeatkitError(
-            f"`image_size` {value!r} is not an input size; give one number for a square (224) or WIDTHxHEIGHT (320x224)",
-            param="image_size",
-        )
-    shown = format_image_size(parts[0] if len(parts) == 1 else tuple(parts))
-    if not all(MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE for v in parts):
-        raise FeatkitError(
-            f"`image_size` {shown} is out of range; each side must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels "
-            "(the backbones halve their input five times; 224 is VGG16's own)",
-            param="image_size",
-        )
-    width, height = parts[0], parts[-1]
-    if width * height > MAX_IMAGE_PIXELS:
-        raise FeatkitError(
-            f"`image_size` {shown} is {width * height:,} pixels a photo; at most {MAX_IMAGE_PIXELS:,} (2048x2048), e.g. 320x224 or 448",
-            param="image_size",
-        )
-    if len(parts) == 1 or parts[0] == parts[1]:
-        return parts[0]
-    return parts[0], parts[1]
-
-
-def _is_int(v) -> bool:
-    import numbers
-
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def format_image_size(size) -> str:
-    """``224`` -> ``"224"``, ``(320, 224)`` or ``[320, 224]`` -> ``"320x224"``."""
-    if isinstance(size, (tuple, list)):
-        return f"{size[0]}x{size[1]}"
-    return str(size)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Everything that decides what a feature vector means.
-
-    ``weights`` says where the weights came from (for people); ``weights_sha256``
-    is what identifies them (a hash over the tensors loaded into the feature
-    model, so for VGG16 the same weights saved as a whole-``vgg16()`` file or a
-    ``features`` file match). ``arch`` is the backbone's name as given
-    (``vgg16``, ``resnet50``, ``timm:tf_efficientnet_lite0``).
-    """
-
-    arch: str
-    weights: str
-    weights_sha256: str
-    image_size: int | list[int]  # an int for a square (as every cache before W x H inputs); [W, H] otherwise
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    pooling: str
-    feature_dim: int
-    interpolation: str = DEFAULT_INTERPOLATION
-    flip: bool = False
-
-    def __post_init__(self) -> None:
-        # one spelling per size, so a spec read back from JSON equals the one written: a square is an int,
-        # anything else the JSON-friendly list [W, H]
-        w, h = size_wh(self.image_size)
-        object.__setattr__(self, "image_size", w if w == h else [w, h])
-
-    @property
-    def width_height(self) -> tuple[int, int]:
-        """The input size as ``(W, H)``; the tensors the backbone sees are (B, 3, H, W)."""
-        return size_wh(self.image_size)
-
-    @property
-    def square(self) -> bool:
-        return isinstance(self.image_size, int)
-
-    def _dict(self) -> dict:
-        """The fields, leaving out ``interpolation`` and ``flip`` at their defaults (so a VGG16
-        spec reads, and identifies caches, exactly as before they existed)."""
-        d = asdict(self)
-        if self.interpolation == DEFAULT_INTERPOLATION:
-            d.pop("interpolation")
-        if not self.flip:
-            d.pop("flip")
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    def identity(self) -> dict:
-        """The fields that change feature values (the weights' label and path do not)."""
-        d = self._dict()
-        d.pop("weights")
-        return d
-
-    @property
-    def key(self) -> str:
-        """A short folder-safe name for this feature set (``features-<key>.h5``): the arch (``:`` -> ``-``),
-        then ``-<pooling>`` where not the arch's default, ``-<W>x<H>`` for a non-square input size, and
-        ``-flip``: ``vgg16`` (the study's, stored as ``features.h5``), ``vgg16-avg``, ``resnet50``,
-        ``timm-tf_efficientnet_lite0-flip``, ``timm-tf_efficientnet_lite0-320x224``. A square size is not part
-        of it: one folder holds one square size per key (another is refused as another backbone), and the
-        non-square feature sets beside it."""
-        default_pooling, _ = arch_defaults(self.arch)
-        parts = [self.arch.replace(":", "-")]
-        if self.pooling != default_pooling:
-            parts.append(self.pooling)
-        if not self.square:
-            parts.append(format_image_size(self.image_size))
-        if self.flip:
-            parts.append("flip")
-        return "-".join(parts)
-
-    @property
-    def weights_seed(self) -> int | None:
-        """The seed of random weights (``random:seed=N``), else None."""
-        prefix = "random:seed="
-        return int(self.weights[len(prefix) :]) if self.weights.startswith(prefix) else None
-
-    def describe(self) -> str:
-        s = (
-            f"{self.arch} weights={self.weights} (sha256 {self.weights_sha256[:12]}) "
-            f"size={format_image_size(self.image_size)} pooling={self.pooling} dim={self.feature_dim}"
-        )
-        if self.interpolation != DEFAULT_INTERPOLATION:
-            s += f" interpolation={self.interpolation}"
-        if self.flip:
-            s += " flip"
-        return s
-
-    def to_json(self) -> str:
-        return json.dumps(self._dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "BackboneSpec":
-        d = json.loads(text)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
 
 
 class FeatureNet(nn.Module):
@@ -257,29 +110,6 @@ class FeatureNet(nn.Module):
         if self.flip:
             f = (f + self._embed(x.flip(-1))) * 0.5
         return f
-
-
-RANDOM_SOURCE, TORCHVISION_SOURCE = "random", "torchvision"  # "torchvision": the library's own pretrained weights (torchvision's or timm's)
-
-
-def weights_source(weights: str | Path | None) -> str:
-    """Where ``load_backbone``'s ``weights`` can be found again later, for the cache's provenance:
-    the weights file's absolute path, ``random`` (the seed is in the spec) or ``torchvision``
-    (the library's own pretrained weights: torchvision's, or timm's for a ``timm:`` backbone)."""
-    if weights is None:
-        return TORCHVISION_SOURCE
-    if str(weights) == RANDOM_SOURCE:
-        return RANDOM_SOURCE
-    return str(Path(weights).resolve())
-
-
-def source_of_spec(spec: BackboneSpec) -> str | None:
-    """:func:`weights_source` as far as the spec alone tells it (a file's spec has only its name: None)."""
-    if spec.weights_seed is not None:
-        return RANDOM_SOURCE
-    if spec.weights.startswith(("torchvision:", TIMM_PREFIX)):
-        return TORCHVISION_SOURCE
-    return None
 
 
 def vgg16_grid(pooling: str, image_size) -> tuple[int, int] | None:
@@ -344,96 +174,6 @@ def _conv_base_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-# -- which backbone ----------------------------------------------------------------------------
-def _timm_name(arch: str) -> str | None:
-    return arch[len(TIMM_PREFIX) :] if arch.startswith(TIMM_PREFIX) else None
-
-
-@functools.lru_cache(maxsize=1)
-def _torchvision_names() -> frozenset[str]:
-    import torchvision
-
-    return frozenset(torchvision.models.list_models(module=torchvision.models))
-
-
-def _check_arch(arch: str) -> None:
-    name = _timm_name(arch)
-    if name is not None:
-        import timm
-
-        if not name or not timm.is_model(name):
-            raise FeatkitError(f"unknown timm model {name!r} (backbone {arch!r}); see timm.list_models() for the names", param="backbone")
-        return
-    if arch in ARCHS or arch in _torchvision_names():
-        return
-    raise FeatkitError(
-        f"unknown backbone {arch!r}; choose one of: {', '.join(ARCHS)}, a torchvision classification model name "
-        "(resnet50, efficientnet_b0, convnext_tiny, vit_b_16...: torchvision.models.list_models(module=torchvision.models)) "
-        "or timm:NAME (any timm model)",
-        param="backbone",
-    )
-
-
-def _is_torchvision_vit(name: str) -> bool:
-    return name.startswith("vit_")
-
-
-def _torchvision_preprocessing(name: str) -> tuple[tuple, tuple, int, str]:
-    """(mean, std, input size, interpolation) of the model's default weights' eval transforms."""
-    from torchvision.models import get_model_weights
-
-    t = get_model_weights(name).DEFAULT.transforms()
-    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else int(t.crop_size)
-    interpolation = getattr(t.interpolation, "value", str(t.interpolation))
-    return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std), int(crop), str(interpolation)
-
-
-def _timm_pool(model: nn.Module) -> str:
-    """The global pooling a timm model applies before its classifier: ``avg``, ``token``, ``max``..."""
-    for owner in (model, getattr(model, "head", None)):
-        gp = getattr(owner, "global_pool", None) if owner is not None else None
-        if isinstance(gp, str):
-            return gp or "none"
-        if gp is not None and hasattr(gp, "pool_type"):
-            return str(gp.pool_type) or "none"
-    return "own"
-
-
-def _timm_model(name: str, *, pretrained: bool = False, meta: bool = False) -> nn.Module:
-    import timm
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if meta:
-            with torch.device("meta"):
-                return timm.create_model(name, pretrained=False, num_classes=0)
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
-
-
-def _timm_preprocessing(model: nn.Module) -> tuple[tuple, tuple, int, str]:
-    import timm
-
-    cfg = timm.data.resolve_model_data_config(model)
-    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]), int(cfg["input_size"][-1]), str(cfg["interpolation"])
-
-
-@functools.lru_cache(maxsize=None)
-def arch_defaults(arch: str) -> tuple[str, int]:
-    """(pooling, image size) a backbone has when not told otherwise: VGG16's ``flatten`` at 224; a
-    torchvision model's ``avg`` (``cls`` for ViTs) at its weights' crop size; a timm model's own pooling
-    at its data config's input size (read off a model built on the meta device: no weights made)."""
-    if arch == "vgg16":
-        return "flatten", 224
-    name = _timm_name(arch)
-    if name is not None:
-        try:
-            model = _timm_model(name, meta=True)
-        except Exception:  # a model that cannot be built on the meta device: build it for real
-            model = _timm_model(name)
-        return _timm_pool(model), _timm_preprocessing(model)[2]
-    return ("cls" if _is_torchvision_vit(arch) else "avg"), _torchvision_preprocessing(arch)[2]
-
-
 _TORCHVISION_HEADS = ("fc", "heads.head", "head", "classifier")
 
 
@@ -490,8 +230,8 @@ def _build_torchvision(arch: str, weights, seed: int) -> tuple[nn.Module, str, i
     """The model without its classifier, its weights' label, the feature dim and its preprocessing."""
     from torchvision.models import get_model, get_model_weights
 
-    mean, std, size, interp = _torchvision_preprocessing(arch)
-    kwargs = {"image_size": size} if _is_torchvision_vit(arch) else {}
+    mean, std, size, interp = torchvision_preprocessing(arch)
+    kwargs = {"image_size": size} if is_torchvision_vit(arch) else {}
     if arch in ("googlenet", "inception_v3"):  # as torchvision builds them for their ImageNet weights
         kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -518,17 +258,17 @@ def _build_torchvision(arch: str, weights, seed: int) -> tuple[nn.Module, str, i
 
 def _build_timm(arch: str, weights, seed: int) -> tuple[nn.Module, str, None, tuple[tuple, tuple, int, str]]:
     """As :func:`_build_torchvision`; the feature dim is found later, by a forward pass at the chosen size and pooling."""
-    name = _timm_name(arch)
+    name = timm_name(arch)
     what = f"timm.create_model({name!r})"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if weights is None:
             try:
-                model = _timm_model(name, pretrained=True)
+                model = timm_model(name, pretrained=True)
             except Exception as e:  # no internet, no HF cache, no pretrained weights for this name
                 raise _cannot_download(f"timm's {name}", e) from None
         else:
-            model = _timm_model(name)
+            model = timm_model(name)
     classifier = str(model.pretrained_cfg.get("classifier") or "classifier")
     if weights is None:
         label = f"timm:{model.pretrained_cfg.get('architecture', name)}.{model.pretrained_cfg.get('tag') or 'default'}"
@@ -538,7 +278,7 @@ def _build_timm(arch: str, weights, seed: int) -> tuple[nn.Module, str, None, tu
         path = Path(weights)
         sd, label = _file_state_dict(path, what), f"file:{path.name}"
         _load_fitting(model, _fit_state(model, sd, classifier, label, what), label, what)
-    return model, label, None, _timm_preprocessing(model)
+    return model, label, None, timm_preprocessing(model)
 
 
 def load_backbone(
@@ -563,16 +303,16 @@ def load_backbone(
     ``flip``: average the features of each photo and of its mirror image.
     """
     image_size = parse_image_size(image_size)
-    _check_arch(arch)
+    check_arch(arch)
     if arch == "vgg16":
         return _load_vgg16(weights, pooling="flatten" if pooling is None else pooling, image_size=224 if image_size is None else image_size, seed=seed, flip=flip)
-    timm_name = _timm_name(arch)
-    body, label, dim, (mean, std, own_size, interp) = (_build_timm if timm_name else _build_torchvision)(arch, weights, seed)
-    if timm_name:
-        own_pool = _timm_pool(body)
+    timm_arch = timm_name(arch)
+    body, label, dim, (mean, std, own_size, interp) = (_build_timm if timm_arch else _build_torchvision)(arch, weights, seed)
+    if timm_arch:
+        own_pool = timm_pool(body)
         choices = (own_pool,) if own_pool == "avg" else (own_pool, "avg")
     else:
-        own_pool = "cls" if _is_torchvision_vit(arch) else "avg"
+        own_pool = "cls" if is_torchvision_vit(arch) else "avg"
         choices = (own_pool,)
     pooling = own_pool if pooling is None else pooling
     if pooling not in choices:
@@ -580,7 +320,7 @@ def load_backbone(
     if pooling != own_pool:
         body.reset_classifier(0, pooling)
     image_size = own_size if image_size is None else image_size
-    vit = _is_torchvision_vit(arch) or (timm_name is not None and hasattr(body, "patch_embed"))
+    vit = is_torchvision_vit(arch) or (timm_arch is not None and hasattr(body, "patch_embed"))
     if vit and image_size != own_size:
         raise FeatkitError(f"{arch} takes only its own input size, {own_size} (a ViT's position embeddings are made for it); got image size {format_image_size(image_size)}", param="image_size")
     width, height = size_wh(image_size)
@@ -612,20 +352,6 @@ def _finish(body, arch, label, image_size, mean, std, pooling, dim, interpolatio
         flip=bool(flip),
     )
     return net, spec
-
-
-def check_vgg16_size(image_size) -> int | tuple[int, int]:
-    """An input size VGG16 takes (see :func:`parse_image_size`): each side a multiple of 32; None is its own, 224."""
-    image_size = parse_image_size(image_size)
-    if image_size is None:
-        return 224
-    if any(side < 32 or side % 32 for side in size_wh(image_size)):
-        raise FeatkitError(
-            f"image size {format_image_size(image_size)} must be a multiple of 32, at least 32 (VGG16 halves it five times), "
-            "each side of a WxH size too; the study used 224",
-            param="image_size",
-        )
-    return image_size
 
 
 def _load_vgg16(weights, *, pooling: str, image_size: int | tuple[int, int], seed: int, flip: bool) -> tuple[FeatureNet, BackboneSpec]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from featkit import api
-from featkit.backbones import RANDOM_SOURCE, check_vgg16_size
+from featkit.backbone_spec import RANDOM_SOURCE, check_vgg16_size
 from featkit.cities import load_cities
 from featkit.comparison import Comparison
 from featkit.devices import resolve_device

@@ -14,8 +14,8 @@ options, and the cache folder on a filesystem all nodes share (NFS, Lustre, ...)
 :func:`featkit.api.extract` notices torchrun from its environment
 (:func:`torchrun_env`: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``) and comes here,
 so the command line is the same as for one process. Each rank drives the
-public parts of :mod:`featkit.extraction` (``plan``, ``feature_batches``,
-``write_batches``) with the same :class:`~featkit.options.ExtractOptions`. The process group uses NCCL on CUDA
+public parts of :mod:`featkit.extraction` (``plan``, ``write_batches``) and of
+:mod:`featkit.engine` (``feature_batches``) with the same :class:`~featkit.options.ExtractOptions`. The process group uses NCCL on CUDA
 (rank r uses ``cuda:LOCAL_RANK``) and gloo on CPU; it only carries small
 messages (which photos are done, counts, errors), never features.
 
@@ -47,10 +47,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from featkit.backbones import BackboneSpec, FeatureNet
+from featkit.backbone_spec import BackboneSpec
+from featkit.backbones import FeatureNet
 from featkit.devices import resolve_device
+from featkit.engine import default_workers, feature_batches
 from featkit.errors import FeatkitError
-from featkit.extraction import ExtractSummary, default_workers, extraction_provenance, feature_batches, plan, progress_bar, write_batches
+from featkit.extraction import ExtractSummary, extraction_provenance, plan, progress_bar, write_batches
 from featkit.manifest import Photo
 from featkit.options import ExtractOptions
 from featkit.cache.format import ROW_FIELDS
@@ -136,6 +138,8 @@ def extract_distributed(
     *,
     on_batch: Callable[[int], None] | None = None,
     weights_source: str | None = None,
+    device: torch.device | None = None,
+    shared: dict[str, str] | None = None,
 ) -> ExtractSummary:
     """This rank's part of a torchrun extraction (see the module docstring).
 
@@ -143,9 +147,12 @@ def extract_distributed(
     run; only rank 0's has ``reporter`` set, so one process prints it.
     Initialises the process group unless one is already up, and destroys it
     at the end if it made it. ``weights_source`` goes into the cache's provenance
-    as in :func:`~featkit.extraction.extract_features`.
+    as in :func:`~featkit.extraction.extract_features`; so do ``device`` (the run's device, resolved
+    by the caller; None resolves ``options.device`` here, once) and ``shared`` (the split the folder's
+    other backbones hold, read by the caller; None: rank 0's :func:`~featkit.extraction.plan` reads it).
+    On CUDA, rank r then runs on ``cuda:LOCAL_RANK``.
     """
-    dev = resolve_device(options.device)
+    dev = resolve_device(options.device) if device is None else device
     if dev.type == "cuda":
         dev = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(dev)
@@ -161,7 +168,7 @@ def extract_distributed(
                 "check torchrun's --rdzv-endpoint (or --master-addr/--master-port) and that every node can reach it"
             ) from None
     try:
-        return _RankRun(photos, net, spec, Path(cache_path), options, ranks, dev, on_batch, weights_source).run()
+        return _RankRun(photos, net, spec, Path(cache_path), options, ranks, dev, on_batch, weights_source, shared).run()
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -185,8 +192,8 @@ def _from_rank0(obj):
 class _RankRun:
     """One rank's run, in the four steps of the module docstring."""
 
-    def __init__(self, photos, net, spec, cache_path: Path, options: ExtractOptions, ranks: Ranks, dev, on_batch, weights_source=None):
-        self.photos, self.net, self.spec, self.cache_path = photos, net, spec, cache_path
+    def __init__(self, photos, net, spec, cache_path: Path, options: ExtractOptions, ranks: Ranks, dev, on_batch, weights_source=None, shared=None):
+        self.photos, self.net, self.spec, self.cache_path, self.shared = photos, net, spec, cache_path, shared
         self.options, self.rank, self.world, self.dev, self.on_batch = options, ranks.rank, ranks.world_size, dev, on_batch
         self.identity = cache_identity(spec, options.dtype)
         self.prov = extraction_provenance(dev, spec, options, weights_source=weights_source, world_size=ranks.world_size)
@@ -218,7 +225,7 @@ class _RankRun:
                         p.unlink()
                 self.store = FeatureStore.open_for_append(self.cache_path, self.identity, overwrite=self.options.overwrite, provenance=self.prov)
                 join_shards(self.store, shard_files(self.cache_path))
-                splits, todo = plan(self.store, self.photos, self.options, summary=self.summary)
+                splits, todo = plan(self.store, self.photos, self.options, summary=self.summary, shared=self.shared)
                 ready = (splits, {p.photo_id for p in todo}, _digest(self.photos), None)
             except FeatkitError as e:
                 ready = (None, None, None, str(e))

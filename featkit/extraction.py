@@ -1,29 +1,24 @@
 """One pass of the photos through the frozen backbone, into the HDF5 feature cache.
 
-The engine has two public parts that know nothing of each other:
+This module owns what an extraction run does around the engine (:func:`featkit.engine.feature_batches`,
+which turns photos into feature batches and knows nothing of the store):
 
-- :func:`feature_batches` turns photos into feature batches. Images are decoded
-  and resized in DataLoader worker processes and travel as uint8 tensors, or,
-  with ``decode`` gpu (``auto`` means cpu for now), the workers read JPEG bytes and nvJPEG
-  decodes them on the device, which also resizes. Batches go through the
-  backbone under ``torch.inference_mode()`` (half-precision autocast, pinned
-  memory and channels-last on CUDA); on CUDA the next batch is launched before
-  the last one's features (float16 when the cache is) are copied back, and an
-  out-of-memory error halves the batch instead of ending the run. It knows
-  nothing about the store.
-- :func:`write_batches` appends those batches to a :class:`~featkit.cache.store.FeatureStore`
+- :func:`plan` decides the splits and the photos to extract now: photos already handled are left
+  alone, the others are first looked at cheaply (:func:`check_photos`) and those that cannot be read
+  are recorded with their reason; photos keep the split the cache, or the folder's other backbones
+  (:func:`shared_split`), already gave them. :func:`resplit` draws the splits of a cache again.
+- :func:`write_batches` appends the batches to a :class:`~featkit.cache.store.FeatureStore`
   from a writer thread fed by a bounded queue, committing each batch before the
   next, so the slowest stage (decode, forward, write) sets the pace and a killed
   run resumes where it stopped.
 
 :func:`extract_features` drives both for one process; :mod:`featkit.distributed`
-drives the same parts on every torchrun rank. Both take one :class:`~featkit.options.ExtractOptions`.
+drives the same parts on every torchrun rank. Both take one :class:`~featkit.options.ExtractOptions`
+and resolve its ``device`` once, at their start (or are handed the device already resolved).
 A photo that cannot be read is recorded with its reason and skipped; it never aborts the run."""
 
 from __future__ import annotations
 
-import functools
-import io
 import os
 import queue
 import sys
@@ -34,383 +29,27 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from featkit.backbones import BackboneSpec, FeatureNet, source_of_spec
+from featkit.backbone_spec import BackboneSpec, source_of_spec
+from featkit.backbones import FeatureNet
+from featkit.decoding import resolve_decode
 from featkit.devices import resolve_device
+from featkit.engine import FeatureBatch, default_workers, feature_batches
 from featkit.errors import FeatkitError
-from featkit.images import UnreadableImage, check_image_file, check_pixels, load_image, memory_image_tensor, size_wh
+from featkit.images import UnreadableImage, check_image_file
 from featkit.manifest import Photo, path_text
-from featkit.options import DECODES, EXTRACT, ExtractOptions
+from featkit.options import ExtractOptions
 from featkit.provenance import provenance
 from featkit.splits import assign_splits, split_counts
 from featkit.cache.format import ROW_FIELDS
 from featkit.cache.identity import cache_identity
 from featkit.cache.names import FAILED_CSV
 from featkit.cache.store import FeatureStore, file_signature, shared_splits
-
-
-class _PhotoDataset(torch.utils.data.Dataset):
-    """Photo ``i`` -> ``(i, pixels, reason)``: uint8 (3, H, W) at ``size``, or None and why not."""
-
-    def __init__(self, paths: list[str], size: int | tuple[int, int], interpolation: str = "bilinear"):
-        self.paths, self.size, self.interpolation = paths, size, interpolation
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, load_image(self.paths[i], self.size, self.interpolation), ""
-        except UnreadableImage as e:
-            return i, None, str(e)
-
-
-class _MemoryDataset(torch.utils.data.Dataset):
-    """In-memory picture ``i`` (a PIL image or a uint8 array) -> ``(i, pixels, reason)``, prepared as :func:`load_image` prepares a file."""
-
-    def __init__(self, images: list, size: int | tuple[int, int], interpolation: str = "bilinear"):
-        self.images, self.size, self.interpolation = images, size, interpolation
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, memory_image_tensor(self.images[i], self.size, self.interpolation), ""
-        except UnreadableImage as e:
-            return i, None, str(e)
-
-
-def _collate(items):
-    ok = [(i, t) for i, t, _ in items if t is not None]
-    bad = [(i, reason) for i, t, reason in items if t is None]
-    images = torch.stack([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], images, bad
-
-
-def _nvjpeg_can_take(data: bytes) -> bool:
-    """Whether nvJPEG decodes ``data`` exactly as :func:`load_image` would: a complete baseline
-    3-channel JPEG without an EXIF rotation (nvJPEG ignores EXIF and may pass truncated data)."""
-    if data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
-        return False
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the headers only
-            check_pixels(im.size)  # over the limit: the CPU path refuses it, with the reason
-            return (
-                im.format == "JPEG" and im.mode == "RGB" and not im.info.get("progressive")
-                and not im.info.get("progression") and im.getexif().get(0x0112, 1) == 1
-            )
-    except Exception:  # anything odd: the CPU path decides, and records the reason if it fails
-        return False
-
-
-class _JpegDataset(_PhotoDataset):
-    """Photo ``i`` -> its file bytes when nvJPEG can take them, else decoded on the CPU as by :class:`_PhotoDataset`."""
-
-    def __getitem__(self, i: int):
-        try:
-            data = Path(self.paths[i]).read_bytes()
-        except OSError:
-            data = b""
-        if data and _nvjpeg_can_take(data):
-            return i, data, ""
-        return super().__getitem__(i)
-
-
-def _collate_jpeg(items):
-    """One uint8 tensor of all the JPEG bytes (one transfer from the worker), their offsets, and the CPU-decoded rest."""
-    jpeg = [(i, d) for i, d, _ in items if isinstance(d, bytes)]
-    cpu = [(i, t, r) for i, t, r in items if not isinstance(t, bytes)]
-    buf = torch.frombuffer(bytearray(b"".join(d for _, d in jpeg)), dtype=torch.uint8) if jpeg else torch.empty(0, dtype=torch.uint8)
-    ends = np.cumsum([len(d) for _, d in jpeg]).tolist()
-    return [i for i, _ in jpeg], buf, ends, _collate(cpu)
-
-
-@dataclass
-class FeatureBatch:
-    """Photos that were read and their features (rows in the same order), and photos that were not.
-
-    ``features`` is float32, or float16 when the run stores float16 and the
-    backbone ran on CUDA (its autocast output, copied back without a float32 round trip).
-    """
-
-    photos: list[Photo]
-    features: np.ndarray  # (len(photos), feature_dim)
-    failed: list[tuple[Photo, str]]  # (photo, reason)
-
-
-def default_workers(processes_per_node: int = 1) -> int:
-    """Decoding workers: the cores left after the main process(es), at most 8 each."""
-    return max(1, min(8, (os.cpu_count() or 2) // max(1, processes_per_node) - 1))
-
-
-def resolve_decode(decode: str, dev: torch.device) -> str:
-    """``cpu`` or ``gpu`` (nvJPEG on the backbone's CUDA device); ``auto`` is ``cpu`` for now.
-
-    ``auto`` stays on the CPU until the nvJPEG path has run clean at scale:
-    on an H100 (torch 2.11, torchvision 0.26) one 20,000-photo run stalled
-    inside ``decode_jpeg``. ``gpu`` asks for it explicitly.
-    """
-    if decode not in DECODES:
-        raise FeatkitError(f"unknown `decode` {decode!r}; choose one of: {', '.join(DECODES)}", param="decode")
-    if decode in ("cpu", "auto"):
-        return "cpu"
-    if dev.type != "cuda":
-        raise FeatkitError(
-            f"`decode` gpu needs the backbone on a CUDA GPU, but this run's device is {dev}; use `decode` cpu or auto (or `device` cuda)",
-            param="decode",
-        )
-    problem = _nvjpeg_problem(dev)
-    if problem is None:
-        return "gpu"
-    raise FeatkitError(f"`decode` gpu asked for, but torchvision cannot decode JPEGs on {dev} ({problem}); use `decode` cpu or auto", param="decode")
-
-
-@functools.lru_cache(maxsize=None)  # one trial decode per device, however often a run asks
-def _nvjpeg_problem(dev: torch.device) -> str | None:
-    """None when torchvision's nvJPEG decode works on ``dev``, else why not."""
-    try:
-        buf = io.BytesIO()
-        Image.new("RGB", (16, 16), (200, 100, 50)).save(buf, format="JPEG")
-        out = _decode_on_gpu([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], dev)
-        return None if tuple(out[0].shape) == (3, 16, 16) else f"got shape {tuple(out[0].shape)}"
-    except Exception as e:  # missing image ops, no nvJPEG in this build, driver problems
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _decode_on_gpu(datas: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision points to torchcodec; decode_jpeg stays
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=dev)
-
-
-class _GpuDecoder:
-    """nvJPEG decode and resize on a side stream of their own.
-
-    torchvision's CUDA decoder allocates its outputs on the current stream but
-    writes them from a private stream that does not wait for it
-    (pytorch/vision#9606), so on the backbone's stream it could be handed memory
-    the queued forward pass still reads. On a side stream, drained before each
-    decode, it only ever gets blocks of finished decodes; the batch it hands
-    over is recorded on the backbone's stream so it is not recycled early.
-    """
-
-    def __init__(self, photos: list[Photo], size: int | tuple[int, int], dev: torch.device, interpolation: str = "bilinear"):
-        self.photos, self.size, self.dev, self.interpolation = photos, size, dev, interpolation
-        self.stream = torch.cuda.Stream(dev)
-
-    def __call__(self, item):
-        main = torch.cuda.current_stream(self.dev)
-        self.stream.synchronize()
-        with torch.cuda.stream(self.stream):
-            idx, images, bad = _gpu_images(item, self.photos, self.size, self.dev, self.interpolation)
-        if images is not None:
-            main.wait_stream(self.stream)
-            images.record_stream(main)
-        return idx, images, bad
-
-
-# load_image's PIL filters as torch modes: (mode, antialias). PIL antialiases bilinear and bicubic when
-# shrinking (as torch's antialias=True does); its nearest picks pixel centres like "nearest-exact".
-_TORCH_RESIZE = {"bilinear": ("bilinear", True), "bicubic": ("bicubic", True), "nearest": ("nearest-exact", False)}
-
-
-def resize_on_device(images: list[torch.Tensor], size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
-    """uint8 (3, H, W) images on one device -> uint8 (B, 3, size, size) (``size`` an int) or (B, 3, h, w)
-    (``size`` a ``(w, h)`` pair), like :func:`load_image`'s PIL resize with the same ``interpolation``
-    (antialiased when shrinking), batched over images of the same size."""
-    if interpolation not in _TORCH_RESIZE:
-        raise FeatkitError(f"interpolation {interpolation!r} has no resize on the device (it does {', '.join(_TORCH_RESIZE)}); use `decode` cpu")
-    mode, antialias = _TORCH_RESIZE[interpolation]
-    w, h = size_wh(size)
-    out = torch.empty((len(images), 3, h, w), dtype=torch.uint8, device=images[0].device)
-    by_shape: dict[tuple, list[int]] = {}
-    for k, im in enumerate(images):
-        by_shape.setdefault(tuple(im.shape), []).append(k)
-    for shape, ks in by_shape.items():
-        x = torch.stack([images[k] for k in ks]).float()
-        if shape[1:] != (h, w):
-            kw = {"antialias": True, "align_corners": False} if antialias else {}
-            x = torch.nn.functional.interpolate(x, size=(h, w), mode=mode, **kw)
-        out[ks] = x.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-class _Backbone:
-    """The net on its device, run on uint8 batches; halves the batch on CUDA out-of-memory and goes on."""
-
-    def __init__(self, net: FeatureNet, dev: torch.device, batch_size: int):
-        self.dev, self.on_cuda = dev, dev.type == "cuda"
-        if self.on_cuda:
-            torch.backends.cudnn.benchmark = True
-            self.net = net.to(dev, memory_format=torch.channels_last)
-        else:
-            self.net = net.to(dev)
-        self.chunk = batch_size  # the largest batch the device has managed; halved on out-of-memory
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        n, outs, start = len(images), [], 0
-        while start < n:
-            k = min(self.chunk, n - start)
-            try:
-                outs.append(self._forward(images[start : start + k]))
-                start += k
-            except torch.OutOfMemoryError:
-                if self.chunk == 1:
-                    raise FeatkitError(
-                        f"{self.dev} ran out of memory on a batch of one photo; free the GPU (other processes?) or use `device` cpu",
-                        param="device",
-                    ) from None
-                self.chunk = max(1, min(self.chunk, k) // 2)
-                if self.on_cuda:
-                    torch.cuda.empty_cache()
-                print(f"featkit: {self.dev} out of memory; batches of {self.chunk} from now on", file=sys.stderr, flush=True)
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.on_cuda:
-            return self.net(x)
-        k = len(x)
-        if k < self.chunk:  # pad to the usual shape: one cuDNN autotune per batch size, not one per short batch
-            x = torch.cat([x, x.new_zeros((self.chunk - k, *x.shape[1:]))])
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.float16):
-            return self.net(x)[:k]
-
-
-def feature_batches(
-    photos: list[Photo],
-    net: FeatureNet,
-    image_size: int | tuple[int, int],
-    dev: torch.device,
-    *,
-    batch_size: int = EXTRACT.batch_size,
-    workers: int = 0,
-    decode: str = EXTRACT.decode,
-    dtype: str = "float32",
-    images: list | None = None,
-    interpolation: str = "bilinear",
-) -> Iterator[FeatureBatch]:
-    """Run ``photos`` through ``net`` on ``dev``, ``batch_size`` at a time, in order.
-
-    Decoding runs in ``workers`` DataLoader processes, or, with ``decode`` gpu
-    (``auto`` means cpu for now), in nvJPEG on the device, with the workers reading file
-    bytes and decoding on the CPU only what nvJPEG cannot take. On CUDA the
-    next batch is launched before the previous one's features are handed out,
-    so the device-to-host copy (into pinned memory, float16 when ``dtype`` is
-    float16) overlaps the next forward pass. A CUDA out-of-memory error halves
-    the batch and goes on.
-
-    ``images``, one per photo, are pictures already in memory (PIL images or
-    uint8 arrays, see :func:`~featkit.images.memory_image_tensor`) standing for
-    ``photos`` (whose paths are then only names): they are prepared in this
-    process, on the CPU, and go through the same backbone path.
-
-    ``interpolation`` is the filter that resizes photos to ``image_size`` (the
-    backbone's ``spec.interpolation``), on the CPU and on the device alike;
-    ``image_size`` is an int (a square) or a ``(W, H)`` pair (``spec.image_size``).
-    """
-    if not photos:
-        return
-    if images is not None and len(images) != len(photos):
-        raise ValueError(f"feature_batches: {len(images)} images for {len(photos)} photos")
-    mode = "cpu" if images is not None else resolve_decode(decode, dev)
-    if mode == "gpu" and interpolation not in _TORCH_RESIZE:
-        raise FeatkitError(f"`decode` gpu resizes on the device, which has no {interpolation!r} interpolation (it does {', '.join(_TORCH_RESIZE)}); use `decode` cpu", param="decode")
-    workers = 0 if images is not None else workers
-    backbone = _Backbone(net, dev, batch_size)
-    on_cuda = backbone.on_cuda
-    paths = [str(p.path) for p in photos]
-    if images is not None:
-        dataset = _MemoryDataset(images, image_size, interpolation)
-    else:
-        dataset = (_JpegDataset if mode == "gpu" else _PhotoDataset)(paths, image_size, interpolation)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate_jpeg if mode == "gpu" else _collate,
-        pin_memory=on_cuda and mode == "cpu",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-    out_dtype = torch.float16 if (on_cuda and dtype == "float16") else torch.float32
-    gpu_decoder = _GpuDecoder(photos, image_size, dev, interpolation) if mode == "gpu" else None
-
-    @torch.inference_mode()  # only around the work: a generator must not leave the mode on while suspended at a yield
-    def launch(item):
-        """Decode (GPU path), forward and start the copy back; returns what ``finish`` needs."""
-        if mode == "gpu":
-            idx, images, bad = gpu_decoder(item)
-        else:
-            idx, images, bad = item
-        if images is None:
-            return idx, None, bad, None
-        out = backbone(images.to(dev, non_blocking=on_cuda))
-        if not on_cuda:
-            return idx, out.numpy(), bad, None
-        host = torch.empty(out.shape, dtype=out_dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return idx, host, bad, done
-
-    def finish(launched) -> FeatureBatch:
-        idx, feats, bad, done = launched
-        if feats is None:
-            feats = np.empty((0, 0), dtype=np.float32)  # a batch of only unreadable photos
-        elif done is not None:
-            done.synchronize()
-            feats = feats.numpy()
-        return FeatureBatch([photos[i] for i in idx], feats, [(photos[i], reason) for i, reason in bad])
-
-    pending = None
-    for item in loader:
-        if not on_cuda:  # nothing runs asynchronously: hand each batch out at once
-            yield finish(launch(item))
-            continue
-        launched = launch(item)
-        if pending is not None:
-            yield finish(pending)
-        pending = launched
-    if pending is not None:
-        yield finish(pending)
-
-
-def _gpu_images(item, photos: list[Photo], size: int | tuple[int, int], dev: torch.device, interpolation: str = "bilinear"):
-    """A GPU-path batch -> (indices, uint8 images on ``dev`` in that order, failures).
-
-    A batch nvJPEG refuses is retried photo by photo; a photo it still refuses
-    is decoded on the CPU (which records the reason if that fails too)."""
-    jpeg_idx, buf, ends, (cpu_idx, cpu_images, bad) = item
-    decoded: dict[int, torch.Tensor] = {}
-    if jpeg_idx:
-        datas = [buf[a:b] for a, b in zip([0] + ends[:-1], ends)]
-        try:
-            decoded = dict(zip(jpeg_idx, _decode_on_gpu(datas, dev)))
-        except RuntimeError:
-            for i, d in zip(jpeg_idx, datas):
-                try:
-                    decoded[i] = _decode_on_gpu([d], dev)[0]
-                except RuntimeError:
-                    try:
-                        decoded[i] = load_image(photos[i].path, size, interpolation).to(dev)
-                    except UnreadableImage as e:
-                        bad = bad + [(i, str(e))]
-    resized = dict(zip(decoded, resize_on_device(list(decoded.values()), size, interpolation))) if decoded else {}
-    if cpu_images is not None:
-        resized.update(zip(cpu_idx, cpu_images.to(dev)))
-    if not resized:
-        return [], None, bad
-    order = sorted(resized)  # the loader's order: photo indices ascend within a batch
-    return order, torch.stack([resized[i] for i in order]), sorted(bad)
 
 
 @dataclass
@@ -616,7 +255,12 @@ def shared_split(cache_path: str | Path, options: ExtractOptions) -> dict[str, s
 
 
 def plan(
-    store: FeatureStore, photos: list[Photo], options: ExtractOptions, *, summary: ExtractSummary | None = None
+    store: FeatureStore,
+    photos: list[Photo],
+    options: ExtractOptions,
+    *,
+    summary: ExtractSummary | None = None,
+    shared: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], list[Photo]]:
     """Splits for the photos that can be read, and the photos to extract now.
 
@@ -627,10 +271,12 @@ def plan(
     recorded in ``store`` now, with their reason, and counted in ``summary.n_skipped``. Only then are the
     splits assigned, over the photos stored or to extract, so an unreadable photo never takes a place in a
     test or val quota. Photos already cached keep their split; so do photos another backbone of the same
-    cache folder holds (:func:`featkit.cache.store.shared_splits`), so every backbone is tested on the same photos.
+    cache folder holds (:func:`shared_split`), so every backbone is tested on the same photos. ``shared``: that
+    split, when the run has read it already (the sibling caches are read once per run); None reads it here.
     """
     check_split_protocol(store, options)
-    shared = shared_split(store.path, options)
+    if shared is None:
+        shared = shared_split(store.path, options)
     stored_ids = store.column("photo_id")
     existing = {**shared, **dict(zip(stored_ids, store.column("split")))}
     stored = set(stored_ids.tolist())
@@ -723,7 +369,7 @@ def extraction_provenance(
     """The provenance record stored in a cache: who, when, with what, on which device.
 
     ``weights_source`` says where the backbone's weights can be loaded again
-    (see :func:`~featkit.backbones.weights_source`), so ``featkit predict``
+    (see :func:`~featkit.backbone_spec.weights_source`), so ``featkit predict``
     rebuilds the same backbone without being told; when not given it is read
     off the spec where that suffices (``random``, ``torchvision``) and left
     None for a file of unknown place. ``weights_seed`` is the seed of random weights.
@@ -750,6 +396,8 @@ def extract_features(
     *,
     on_batch: Callable[[int], None] | None = None,
     weights_source: str | None = None,
+    device: torch.device | None = None,
+    shared: dict[str, str] | None = None,
 ) -> ExtractSummary:
     """Fill the cache at ``cache_path`` with the features of ``photos`` not yet in it, in this process.
 
@@ -758,15 +406,19 @@ def extract_features(
     after each committed batch (progress hooks, tests). ``weights_source`` (where the
     backbone's weights file lies) is recorded in the cache's provenance. Under torchrun,
     :func:`featkit.distributed.extract_distributed` drives the same parts on every rank.
+
+    ``device``: the run's device when the caller resolved it already (:func:`featkit.api.extract`);
+    None resolves ``options.device`` here, once. ``shared``: the split the folder's other backbones
+    hold, when the caller read it already (:func:`shared_split`); None: :func:`plan` reads it.
     """
-    dev = resolve_device(options.device)
+    dev = resolve_device(options.device) if device is None else device
     workers = default_workers() if options.workers is None else options.workers
     cache_path = Path(cache_path)
     summary = ExtractSummary(cache_path=str(cache_path), failed_csv=str(cache_path.with_name(FAILED_CSV)))
     t0 = time.perf_counter()
     prov = extraction_provenance(dev, spec, options, weights_source=weights_source)  # a bad `decode` fails here, before the cache is touched
     with FeatureStore.open_for_append(cache_path, cache_identity(spec, options.dtype), overwrite=options.overwrite, provenance=prov) as store:
-        splits, todo = plan(store, photos, options, summary=summary)
+        splits, todo = plan(store, photos, options, summary=summary, shared=shared)
         bar = progress_bar(len(todo), options.progress)
         try:
             batches = feature_batches(

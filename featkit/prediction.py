@@ -5,7 +5,7 @@ A head only means something on the features it was trained on, so a
 (pooling, input size and dtype from the head's record; the weights from the
 cache's provenance, or the ``weights`` given) and refuses, naming both, a
 backbone whose identity differs from the one the head records. Photos go
-through the extraction engine (:func:`featkit.extraction.feature_batches`:
+through the extraction engine (:func:`featkit.engine.feature_batches`:
 the same decoding, resizing, device path and batching), and the features take
 the round trip through the cache's stored dtype (float16 by default) before
 the head sees them: the numbers it was trained on, not nearly those numbers.
@@ -29,11 +29,12 @@ import numpy as np
 from PIL import Image
 
 from featkit.atomic import atomic_write
-from featkit.backbones import RANDOM_SOURCE, TORCHVISION_SOURCE, load_backbone
+from featkit.backbone_spec import RANDOM_SOURCE, TORCHVISION_SOURCE
+from featkit.backbones import load_backbone
 from featkit.devices import resolve_device
+from featkit.engine import default_workers, feature_batches
 from featkit.errors import FeatkitError
 from featkit.escape import csv_cell
-from featkit.extraction import default_workers, feature_batches
 from featkit.manifest import IMAGE_SUFFIXES, Photo, path_text, walk_images
 from featkit.options import EXTRACT, PREDICT
 from featkit.cache.identity import cache_identity, check_identity

@@ -19,7 +19,8 @@ from PIL import Image
 
 import featkit
 from conftest import LOGREG, REAL_PHOTOS, REAL_WEIGHTS, SHARED, make_photos
-from featkit.backbones import DEFAULT_KEY, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, backbone_gmacs, load_backbone, parse_image_size
+from featkit.backbone_spec import DEFAULT_KEY, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, parse_image_size
+from featkit.backbones import backbone_gmacs, load_backbone
 from featkit.errors import FeatkitError
 from featkit.images import image_tensor, load_image
 
@@ -302,7 +303,7 @@ def test_a_non_square_photo_is_resized_to_w_by_h_and_squares_stay_as_they_were()
 
 
 def test_resize_on_device_gives_w_by_h():
-    from featkit.extraction import resize_on_device
+    from featkit.decoding import resize_on_device
 
     images = [torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8), torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)]
     out = resize_on_device(images, (96, 64))

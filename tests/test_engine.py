@@ -14,16 +14,10 @@ from PIL import Image
 from conftest import FAST, make_photos
 from featkit.backbones import load_backbone
 from featkit.cli import app
+from featkit.decoding import resize_on_device, resolve_decode
+from featkit.engine import feature_batches
 from featkit.errors import FeatkitError
-from featkit.extraction import (
-    ExtractSummary,
-    extract_features,
-    feature_batches,
-    plan,
-    resize_on_device,
-    resolve_decode,
-    write_batches,
-)
+from featkit.extraction import ExtractSummary, extract_features, plan, write_batches
 from featkit.images import load_image
 from featkit.manifest import Photo, scan_photos
 from featkit.options import ExtractOptions

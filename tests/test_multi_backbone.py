@@ -133,3 +133,28 @@ def test_backbone_keys_list_the_default_once_and_ignore_shards_and_strays(tmp_pa
         (tmp_path / name).write_bytes(b"")
     assert backbone_keys(tmp_path) == ["vgg16", "resnet50"]
     assert cache_file(tmp_path, "vgg16").name == "features.h5" and heads_dir(tmp_path, "resnet50") == tmp_path / "heads" / "resnet50"
+
+
+def test_one_extract_reads_the_sibling_caches_once_and_resolves_the_device_once(two_backbones, tmp_path, monkeypatch):
+    import featkit.devices
+    import featkit.extraction
+
+    photos, cache, _ = two_backbones
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    calls = {"shared_splits": 0, "resolve_device": 0}
+
+    def counted(name, f):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(featkit.extraction, "shared_splits", counted("shared_splits", featkit.extraction.shared_splits))
+    device = counted("resolve_device", featkit.devices.resolve_device)
+    monkeypatch.setattr(featkit.devices, "resolve_device", device)  # what api.extract imports when called
+    monkeypatch.setattr(featkit.extraction, "resolve_device", device)
+    s = featkit.extract(photos, copy, pooling="avg", image_size=32, device="cpu", **QUICK)  # a third backbone: vgg16-avg
+    assert s.n_extracted == 30
+    assert calls == {"shared_splits": 1, "resolve_device": 1}
+    assert _splits(cache_file(copy, "vgg16-avg")) == _splits(cache_file(copy))  # and the read split was the one used

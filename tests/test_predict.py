@@ -17,7 +17,8 @@ from PIL import Image
 
 import featkit
 from conftest import LOGREG, REPO, SVM, make_photos
-from featkit.backbones import BackboneSpec, load_backbone
+from featkit.backbone_spec import BackboneSpec
+from featkit.backbones import load_backbone
 from featkit.cli import app
 from featkit.errors import FeatkitError
 from featkit.extraction import extraction_provenance
