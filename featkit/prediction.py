@@ -38,6 +38,7 @@ from featkit.heads import load_head
 from featkit.manifest import IMAGE_SUFFIXES, Photo, path_text, walk_images
 from featkit.options import EXTRACT, PREDICT
 from featkit.store import FeatureStore, cache_file, cache_identity, check_identity, heads_dir
+from featkit.naming import head_key, head_name
 from featkit.validate import check_int, check_seed, check_workers, require_cache
 
 CSV_COLUMNS = ("source", "rank", "city", "probability", "error")
@@ -101,23 +102,25 @@ def fitted_heads(cache_dir: str | Path) -> dict[str, tuple[str, Path]]:
 
 def choose_head(cache_dir: str | Path, head: str | None = None) -> tuple[str, str, Path, object, dict]:
     """``(name, backbone key, file, estimator, record)`` of the named head (``mlp``, or ``<backbone>/mlp``
-    when the cache holds several backbones), or with ``head=None`` of the one with the best validation
-    accuracy (its record's ``val_score``; the first by name on a tie)."""
+    when the cache holds several backbones, the backbone spelt as extract takes it, ``timm:NAME/mlp``, or
+    by its file key, ``timm-NAME/mlp``), or with ``head=None`` of the one with the best validation
+    accuracy (its record's ``val_score``; the first by name on a tie). The name returned is the user's spelling."""
     heads = fitted_heads(cache_dir)
     if not heads:
         raise FeatkitError(f"no fitted heads in {heads_dir(cache_dir)}; run `featkit fit` first (and `featkit extract` before it)")
     if head is not None:
-        if head not in heads:
-            raise FeatkitError(f"no fitted head {head!r} in {heads_dir(cache_dir)}; fitted: {', '.join(heads)}", param="head")
-        key, path = heads[head]
-        return (head, key, path, *load_head(path))
+        if not isinstance(head, str) or head_key(head) not in heads:
+            fitted = ", ".join(head_name(h) for h in heads)
+            raise FeatkitError(f"no fitted head {head!r} in {heads_dir(cache_dir)}; fitted: {fitted}", param="head")
+        key, path = heads[head_key(head)]
+        return (head_name(head_key(head)), key, path, *load_head(path))
     best = None
     for name, (key, path) in heads.items():
         est, rec = load_head(path)
         score = rec.get("val_score")
         score = float("-inf") if score is None else float(score)
         if best is None or score > best[0]:
-            best = (score, name, key, path, est, rec)
+            best = (score, head_name(name), key, path, est, rec)
     return best[1:]
 
 
@@ -140,7 +143,7 @@ def resolve_weights(cache_dir: str | Path, weights: str | None, seed: int | None
     """
     recorded_seed = (prov or {}).get("weights_seed", (prov or {}).get("seed"))
     if seed is None:
-        seed = EXTRACT.seed if recorded_seed is None else int(recorded_seed)
+        seed = EXTRACT.weights_seed if recorded_seed is None else int(recorded_seed)
     if weights is not None:
         return (None if str(weights) == TORCHVISION_SOURCE else str(weights)), seed
     where = cache_file(cache_dir, key)
