@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from featkit.options import BACKBONE, EXTRACT, PREDICT, BackboneOptions, ExtractOptions
+from featkit.options import BACKBONE, EXTRACT, FIT, PREDICT, SPLIT, BackboneOptions, ExtractOptions, MLPOptions
 
 if TYPE_CHECKING:
     from featkit.comparison import Comparison
@@ -37,8 +37,10 @@ def extract(
     its photos keep the splits the folder's other backbones hold); returns an ``ExtractSummary``.
 
     ``overrides`` set fields of ``backbone_options`` or ``options`` by name
-    (``backbone="timm:convnext_tiny", weights=PATH, batch_size=32, device="cuda"``). Under torchrun every
-    process calls this with the same arguments and the photos are sharded.
+    (``backbone="timm:convnext_tiny", weights=PATH, batch_size=32, device="cuda"``). Two seeds: ``split_seed``
+    draws the splits (recorded in the cache; every backbone of a folder shares them) and ``weights_seed`` the
+    ``weights="random"`` initialisation, so another random-weights backbone never needs another split.
+    Under torchrun every process calls this with the same arguments and the photos are sharded.
     """
     from featkit.backbone_spec import parse_image_size, weights_source
     from featkit.backbones import load_backbone
@@ -55,7 +57,7 @@ def extract(
     ensure_writable_dir(cache_dir, "cache_dir")  # before an hour of extraction, not after
     photos = scan_photos(source)
     net, spec = load_backbone(
-        backbone.weights, arch=backbone.backbone, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.seed, flip=backbone.flip
+        backbone.weights, arch=backbone.backbone, pooling=backbone.pooling, image_size=backbone.image_size, seed=options.weights_seed, flip=backbone.flip
     )
     path = cache_file(cache_dir, spec.key)  # one file per backbone; the folder's backbones share one split
     shared = shared_split(path, options)  # read once; another protocol than the other backbones' is refused before anything is written
@@ -77,11 +79,13 @@ def extract(
 def verify(cache_dir: str | Path = "cache", *, backbone: str | None = None, repair: bool = False) -> list:
     """Check every backbone's cache file through (each batch's checksum, finite features, split codes, unique
     photo ids); with ``repair``, drop the rows that fail so the next ``extract`` extracts them again. Returns one
-    ``(Damage, rows_dropped)`` per file; damage that only a rebuild mends raises :class:`~featkit.errors.FeatkitError`."""
-    from featkit.cache.names import cache_file, resolve_backbones
+    ``(Damage, rows_dropped)`` per file; damage that only a rebuild mends raises :class:`~featkit.errors.FeatkitError`.
+    ``backbone``: as extract takes it (``timm:NAME``) or its file key (``timm-NAME``)."""
+    from featkit.naming import select_backbones
+    from featkit.cache.names import cache_file
     from featkit.cache.store import verify_cache
 
-    return [verify_cache(cache_file(cache_dir, k), repair=repair) for k in resolve_backbones(cache_dir, backbone)]
+    return [verify_cache(cache_file(cache_dir, k), repair=repair) for k in select_backbones(cache_dir, backbone)]
 
 
 def _split_overrides(backbone: BackboneOptions, options: ExtractOptions, overrides: dict):
@@ -102,12 +106,14 @@ def _split_overrides(backbone: BackboneOptions, options: ExtractOptions, overrid
 def split(
     cache_dir: str | Path = "cache",
     *,
-    seed: int = EXTRACT.seed,
-    test_size: float = EXTRACT.test_size,
-    val_size: float = EXTRACT.val_size,
+    split_seed: int = SPLIT.split_seed,
+    test_size: float = SPLIT.test_size,
+    val_size: float = SPLIT.val_size,
 ) -> dict[str, dict[str, int]]:
     """Re-draw the train / val / test splits of the cached photos (features untouched); returns the counts
-    per split and city. Heads fitted on the old splits are refused by ``compare`` until refitted."""
+    per split and city. Heads fitted on the old splits are refused by ``compare`` until refitted. The new
+    protocol is recorded: photos extracted later (any backbone) pass the same ``split_seed`` and sizes,
+    whatever their ``weights_seed``."""
     from contextlib import ExitStack
 
     from featkit.extraction import resplit
@@ -116,7 +122,7 @@ def split(
 
     from featkit.validate import require_cache
 
-    options = ExtractOptions(seed=seed, test_size=test_size, val_size=val_size)
+    options = ExtractOptions(split_seed=split_seed, test_size=test_size, val_size=val_size)
     require_cache(cache_dir)
     with ExitStack() as stack:  # every backbone of the cache gets the same new split
         stores = [stack.enter_context(FeatureStore.open(cache_file(cache_dir, k), writable=True)) for k in resolve_backbones(cache_dir)]
@@ -125,21 +131,30 @@ def split(
 
 def fit(
     cache_dir: str | Path = "cache",
-    head: str = "all",
+    head: str = FIT.head,
     *,
     backbone: str | None = None,
-    seed: int = EXTRACT.seed,
-    device: str = EXTRACT.device,
+    seed: int = FIT.seed,
+    device: str = FIT.device,
     params: dict[str, dict] | None = None,
-    stream: str = "auto",
-    progress: bool = EXTRACT.progress,
+    mlp: MLPOptions | None = None,
+    stream: str = FIT.stream,
+    block_rows: int = FIT.block_rows,
+    progress: bool = FIT.progress,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Train heads (a name of :data:`featkit.heads.HEADS`: ``mlp``, ``logreg``, ``svm``; a comma list, or ``all``) on every backbone the cache holds
-    (or only ``backbone``); returns their records."""
+    """Train heads (a name of :data:`featkit.heads.HEADS`, a comma list, or ``all``) on every backbone the cache holds
+    (or only ``backbone``, spelt as extract takes it); returns their records. ``seed`` drives the training.
+
+    The MLP's parameters: ``mlp=featkit.MLPOptions(max_iter=50, hidden_layer_sizes=(512,))`` (checked when
+    made; the fields not given keep MLPOptions' defaults), or as a dict under the MLP head's registry name in
+    ``params``; not both. ``params`` also takes the other heads' parameters, by their names."""
     from featkit.training import fit_heads
 
-    return fit_heads(cache_dir, head, backbone=backbone, seed=seed, device=device, params=params, stream=stream, progress=progress, log=log)
+    return fit_heads(
+        cache_dir, head, backbone=backbone, seed=seed, device=device, params=params, mlp=mlp, stream=stream, block_rows=block_rows,
+        progress=progress, log=log,
+    )
 
 
 def compare(

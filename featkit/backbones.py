@@ -287,7 +287,7 @@ def load_backbone(
     arch: str = BACKBONE.backbone,
     pooling: str | None = BACKBONE.pooling,
     image_size: int | tuple[int, int] | str | None = BACKBONE.image_size,
-    seed: int = EXTRACT.seed,
+    seed: int = EXTRACT.weights_seed,
     flip: bool = BACKBONE.flip,
 ) -> tuple[FeatureNet, BackboneSpec]:
     """Build the frozen feature model in eval mode and the spec that identifies its features.
@@ -297,7 +297,7 @@ def load_backbone(
     pretrained weights (torchvision's, or timm's; downloaded on a machine with
     internet), a path to a state_dict file (the whole model's, its classifier
     included or not; for VGG16 also ``vgg16().features``'), or ``"random"`` for
-    seeded random weights (tests and offline demos). ``pooling`` and
+    random weights drawn from ``seed`` (tests and offline demos). ``pooling`` and
     ``image_size``: None for the backbone's own; ``image_size`` an int (a
     square), a ``(W, H)`` pair or ``"WxH"`` text (see :func:`parse_image_size`).
     ``flip``: average the features of each photo and of its mirror image.

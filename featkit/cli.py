@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from featkit.errors import FeatkitError, PhotoSourceWarning, UntrustedHeadWarning
 from featkit.escape import json_printable, printable
-from featkit.options import BACKBONE, DEMO_CITIES, DEMO_PER_CITY, DEMO_WEIGHTS, DOWNLOAD, ENDPOINT_ENV, EXTRACT, MLP, PREDICT
+from featkit.options import BACKBONE, DEMO, DOWNLOAD, ENDPOINT_ENV, EXTRACT, FIT, MLP, PREDICT, SPLIT
 
 
 class OneLineErrors(TyperGroup):
@@ -61,7 +61,12 @@ app = typer.Typer(
 CacheOpt = typer.Option("cache", "--cache", envvar="FEATKIT_CACHE", help="Folder of the feature cache, fitted heads and downloads.")
 ReportsOpt = typer.Option("reports", "--reports", envvar="FEATKIT_REPORTS", help="Folder the comparison report is written to.")
 DeviceOpt = typer.Option(EXTRACT.device, "--device", help="auto (CUDA when present), cpu, or cuda[:N].")
-SeedOpt = typer.Option(EXTRACT.seed, "--seed", help="Seed for splits, weights init and training; the same seed gives the same result.")
+SplitSeedOpt = typer.Option(
+    SPLIT.split_seed, "--split-seed",
+    help="Seed of the train / val / test splits; recorded in the cache, and shared by all its backbones (change it with featkit split).",
+)
+TestSizeOpt = typer.Option(SPLIT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1).")
+ValSizeOpt = typer.Option(SPLIT.val_size, "--val-size", help="Validation photos per city: a count or a fraction.")
 ProgressOpt = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress bars on stderr.")
 
 
@@ -197,9 +202,13 @@ def extract(
     batch_size: int = typer.Option(EXTRACT.batch_size, "--batch-size"),
     decode: str = typer.Option(EXTRACT.decode, "--decode", help="Where JPEGs are decoded: cpu (worker processes), gpu (nvJPEG on the CUDA device; CPU for what it cannot take), or auto (cpu for now)."),
     workers: Optional[int] = typer.Option(EXTRACT.workers, "--workers", help="Image-decoding worker processes (default: cores - 1)."),
-    seed: int = SeedOpt,
-    test_size: float = typer.Option(EXTRACT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),
-    val_size: float = typer.Option(EXTRACT.val_size, "--val-size", help="Validation photos per city: a count or a fraction."),
+    split_seed: int = SplitSeedOpt,
+    weights_seed: int = typer.Option(
+        EXTRACT.weights_seed, "--weights-seed",
+        help="Seed of --weights random (their initialisation; recorded, so predict rebuilds them); other weights ignore it. Not the split's.",
+    ),
+    test_size: float = TestSizeOpt,
+    val_size: float = ValSizeOpt,
     overwrite: bool = typer.Option(EXTRACT.overwrite, "--overwrite", help="Start the cache again instead of appending."),
     retry_failed: bool = typer.Option(EXTRACT.retry_failed, "--retry-failed", help="Read again the photos recorded as failed (see CACHE/failed.csv), e.g. after fixing their files."),
     repair: bool = typer.Option(EXTRACT.repair, "--repair", help="First drop the cached rows that fail their checks (see featkit verify), then extract them again."),
@@ -211,7 +220,7 @@ def extract(
 
     s = extract_photos(
         source, cache, backbone=backbone, weights=weights, pooling=pooling, image_size=image_size, flip=flip, device=device, batch_size=batch_size,
-        workers=workers, decode=decode, dtype=dtype, seed=seed, test_size=test_size, val_size=val_size, overwrite=overwrite, repair=repair, retry_failed=retry_failed, progress=progress,
+        workers=workers, decode=decode, dtype=dtype, split_seed=split_seed, weights_seed=weights_seed, test_size=test_size, val_size=val_size, overwrite=overwrite, repair=repair, retry_failed=retry_failed, progress=progress,
     )
     if s.reporter:  # under torchrun only rank 0 prints
         typer.echo(s.line())
@@ -225,23 +234,26 @@ def extract(
 @clean_errors
 def split(
     cache: Path = CacheOpt,
-    seed: int = SeedOpt,
-    test_size: float = typer.Option(EXTRACT.test_size, "--test-size", help="Test photos per city: a count (e.g. 500, the study's) or a fraction (< 1)."),
-    val_size: float = typer.Option(EXTRACT.val_size, "--val-size", help="Validation photos per city: a count or a fraction."),
+    split_seed: int = typer.Option(
+        SPLIT.split_seed, "--split-seed", "--seed",
+        help="Seed of the new splits, for every backbone of the cache (recorded: extract then takes the same --split-seed; --seed is its old name).",
+    ),
+    test_size: float = TestSizeOpt,
+    val_size: float = ValSizeOpt,
 ) -> None:
     """Re-draw the train / val / test splits of the cached photos without re-extracting them (refit heads after)."""
     from featkit.api import split as split_cache
 
-    counts = split_cache(cache, seed=seed, test_size=test_size, val_size=val_size)
+    counts = split_cache(cache, split_seed=split_seed, test_size=test_size, val_size=val_size)
     sizes = ", ".join(f"{k} {sum(v.values())}" for k, v in counts.items())
-    typer.echo(f"splits: {sizes} (seed {seed}, test size {test_size:g}, val size {val_size:g}); refit heads with `featkit fit`")
+    typer.echo(f"splits: {sizes} (split seed {split_seed}, test size {test_size:g}, val size {val_size:g}); refit heads with `featkit fit`")
 
 
 @app.command()
 @clean_errors
 def verify(
     cache: Path = CacheOpt,
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Check this backbone's features only (default: every backbone the cache holds)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Check this backbone's features only, spelt as extract --backbone takes it (timm:NAME); default: every backbone the cache holds."),
     repair: bool = typer.Option(False, "--repair", help="Drop the rows that fail (featkit extract then extracts them again); bring an older cache layout up to date."),
 ) -> None:
     """Read every cached feature and check it: each batch's checksum, finite values, splits, unique photos (exit 1 when damaged)."""
@@ -269,11 +281,11 @@ def verify(
 @app.command()
 @clean_errors
 def fit(
-    head: str = typer.Option("all", "--head", help="mlp, logreg, svm, a comma list, or all."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Fit on this backbone's features only (default: every backbone the cache holds)."),
+    head: str = typer.Option(FIT.head, "--head", help="mlp, logreg, svm, a comma list, or all."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Fit on this backbone's features only, spelt as extract --backbone takes it (timm:NAME); default: every backbone the cache holds."),
     cache: Path = CacheOpt,
-    device: str = DeviceOpt,
-    seed: int = SeedOpt,
+    device: str = typer.Option(FIT.device, "--device", help="auto (CUDA when present), cpu, or cuda[:N]."),
+    seed: int = typer.Option(FIT.seed, "--seed", help="Seed of the heads' training (initial weights, shuffling); the same seed gives the same heads. The splits and random weights have their own (extract --split-seed, --weights-seed)."),
     max_iter: int = typer.Option(MLP.max_iter, "--max-iter", "--epochs", help="MLP: most epochs (early stopping usually ends sooner)."),
     n_iter_no_change: int = typer.Option(MLP.n_iter_no_change, "--n-iter-no-change", "--patience", help="MLP: epochs without improvement before stopping (the study's 7)."),
     hidden_layer_sizes: int = typer.Option(MLP.hidden_layer_sizes[0], "--hidden-layer-sizes", "--hidden", help="MLP: hidden units."),
@@ -281,19 +293,21 @@ def fit(
     alpha: float = typer.Option(MLP.alpha, "--alpha", help="MLP: L2 weight decay."),
     learning_rate_init: float = typer.Option(MLP.learning_rate_init, "--learning-rate-init", "--lr", help="MLP: Adam learning rate."),
     batch_size: int = typer.Option(MLP.batch_size, "--batch-size", help="MLP: mini-batch size."),
-    stream: str = typer.Option("auto", "--stream", help="yes: train the heads that can from shuffled blocks of the cache (larger than memory); no: load it; auto: stream when it would take over half the free memory."),
-    progress: bool = ProgressOpt,
+    stream: str = typer.Option(FIT.stream, "--stream", help="yes: train the heads that can from shuffled blocks of the cache (larger than memory); no: load it; auto: stream when it would take over half the free memory."),
+    progress: bool = typer.Option(FIT.progress, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Train heads on the cached features (train split; val split for early stopping and choices)."""
     from featkit.api import fit as fit_heads
-    from featkit.heads import MLPHead, head_name
+    from featkit.options import MLPOptions
 
-    mlp = {
-        "max_iter": max_iter, "n_iter_no_change": n_iter_no_change, "hidden_layer_sizes": (hidden_layer_sizes,), "dropout": dropout,
-        "alpha": alpha, "learning_rate_init": learning_rate_init, "batch_size": batch_size,
-    }
-    records = fit_heads(cache, head, backbone=backbone, seed=seed, device=device, params={head_name(MLPHead): mlp}, stream=stream, progress=progress, log=typer.echo)
-    typer.echo(f"{len(records)} head(s) fitted -> {cache / 'heads'}")
+    mlp = MLPOptions(
+        max_iter=max_iter, n_iter_no_change=n_iter_no_change, hidden_layer_sizes=(hidden_layer_sizes,), dropout=dropout,
+        alpha=alpha, learning_rate_init=learning_rate_init, batch_size=batch_size,
+    )
+    records = fit_heads(cache, head, backbone=backbone, seed=seed, device=device, mlp=mlp, stream=stream, progress=progress, log=typer.echo)
+    from featkit.cache.names import heads_dir
+
+    typer.echo(f"{len(records)} head(s) fitted -> {heads_dir(cache)}")
 
 
 @app.command()
@@ -307,9 +321,11 @@ def compare(
     """Evaluate every fitted head on the same test split; write compare.html, compare.md, compare.json and confusion PNGs."""
     from featkit.api import compare as compare_heads
 
+    from featkit.naming import head_name
+
     results, paths = compare_heads(cache, reports, cities=cities, leaks=leaks)
-    best = results.best  # the report's best (accuracy, then name), whose galleries it shows
-    summary = ", ".join(f"{h} {m.accuracy:.3f}" for h, m in results.heads.items())
+    best = head_name(results.best)  # the report's best (accuracy, then name), whose galleries it shows
+    summary = ", ".join(f"{head_name(h)} {m.accuracy:.3f}" for h, m in results.heads.items())
     typer.echo(f"test accuracy: {summary} (best: {best}) -> {paths['html']} (and compare.md, compare.json)")
 
 
@@ -317,12 +333,12 @@ def compare(
 @clean_errors
 def predict(
     inputs: list[Path] = typer.Argument(..., help="Photos, or folders of photos (walked recursively for image files).", show_default=False),
-    head: Optional[str] = typer.Option(PREDICT.head, "--head", help="Which fitted head (mlp, logreg, svm, ...); default: the one with the best validation accuracy."),
+    head: Optional[str] = typer.Option(PREDICT.head, "--head", help="Which fitted head (mlp, logreg, svm, ...; BACKBONE/HEAD, e.g. timm:NAME/logreg, when the cache holds several backbones); default: the one with the best validation accuracy."),
     top: int = typer.Option(PREDICT.top, "--top", help="Most probable cities shown per photo."),
     json: bool = typer.Option(False, "--json", help="One JSON object per photo on stdout instead of the table."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write the predictions to this CSV file (source, rank, city, probability, error)."),
     weights: Optional[str] = typer.Option(PREDICT.weights, "--weights", help="The weights the cache was extracted with (a state_dict file, 'random' or 'torchvision'); default: the ones the cache records."),
-    seed: Optional[int] = typer.Option(PREDICT.seed, "--seed", help="Seed of 'random' weights; default: the cache's."),
+    seed: Optional[int] = typer.Option(PREDICT.seed, "--seed", "--weights-seed", help="Seed of 'random' weights, to rebuild them (nothing else in predict is random); default: the weights seed the cache records."),
     device: str = typer.Option(PREDICT.device, "--device", help="auto (CUDA when present), cpu, or cuda[:N]."),
     batch_size: int = typer.Option(PREDICT.batch_size, "--batch-size"),
     workers: Optional[int] = typer.Option(PREDICT.workers, "--workers", help="Image-decoding worker processes (default: none for a batch of photos or fewer, else cores - 1)."),
@@ -371,12 +387,13 @@ def _json_lines(predictions) -> list[str]:
 def demo(
     cache: Path = CacheOpt,
     reports: Path = ReportsOpt,
-    weights: Optional[str] = typer.Option(DEMO_WEIGHTS, "--weights", help="'random' (offline default), a state_dict file for vgg16().features / vgg16(), or 'torchvision' for torchvision's ImageNet weights."),
-    cities: str = typer.Option(DEMO_CITIES, "--cities", help="Which of the default cities to generate photos of."),
-    per_city: int = typer.Option(DEMO_PER_CITY, "--per-city", help="Generated photos per city."),
+    weights: Optional[str] = typer.Option(DEMO.weights, "--weights", help="'random' (offline default), a state_dict file for vgg16().features / vgg16(), or 'torchvision' for torchvision's ImageNet weights."),
+    cities: str = typer.Option(DEMO.cities, "--cities", help="Which of the default cities to generate photos of."),
+    per_city: int = typer.Option(DEMO.per_city, "--per-city", help="Generated photos per city."),
     image_size: Optional[str] = typer.Option(BACKBONE.image_size, "--image-size", help="Input size: 224 (a square) or WIDTHxHEIGHT (320x224); default: the backbone's own."),
     device: str = DeviceOpt,
-    seed: int = SeedOpt,
+    seed: int = typer.Option(DEMO.seed, "--seed", help="Seed of everything the demo draws: the generated photos, the random weights, the split and the training."),
+    max_iter: int = typer.Option(DEMO.max_iter, "--max-iter", "--epochs", help="MLP: most epochs (the generated photos are easy)."),
     progress: bool = ProgressOpt,
 ) -> None:
     """The whole job offline in minutes: generated photos of a few cities written to CACHE/demo/photos,
@@ -385,7 +402,7 @@ def demo(
 
     results, paths = run_demo(
         cache / "demo", reports / "demo", cities=cities, per_city=per_city, weights=None if weights == "torchvision" else weights,
-        image_size=image_size, device=device, seed=seed, progress=progress, log=lambda m: typer.echo(m, err=True),
+        image_size=image_size, device=device, seed=seed, max_iter=max_iter, progress=progress, log=lambda m: typer.echo(m, err=True),
     )
     summary = ", ".join(f"{h} {m.accuracy:.3f}" for h, m in results.heads.items())
     chance = 1 / len(results.cities)

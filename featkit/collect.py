@@ -4,57 +4,48 @@ One ``flickr.photos.search`` call per page of 500 brings ids, owners, licences,
 geo, dates and the image URL (``extras``), so there are no per-photo API calls.
 Searching, spacing and retrying API calls is :mod:`featkit.flickr`'s job;
 the manifest format is :mod:`featkit.manifest`'s. Image downloads run in a small
-thread pool, are not API calls, and are retried the same way.
+thread pool (:mod:`featkit.fetcher`), are not API calls, and are retried the same way.
+Duplicates are found by :mod:`featkit.duplicates`. This module runs the whole:
+search pages become candidates, candidates are fetched and settled in order.
 
 What survives a crash: an image is written under a temporary name and renamed
 once complete and decodable; each kept or rejected photo is appended to a
-journal; the manifest (and ``skipped.csv``) are rewritten atomically from time
-to time and at the end. A rerun replays the journal, deletes temporary files
-and orphans, and downloads only what is missing.
+journal (:mod:`featkit.journal`); the manifest (and ``skipped.csv``) are rewritten
+atomically from time to time and at the end. A rerun replays the journal, deletes
+temporary files and orphans, and downloads only what is missing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
-import io
 import itertools
-import json
 import os
 import re
-import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import requests
-from PIL import UnidentifiedImageError
-
 from featkit.cities import City, validate_city_name
+from featkit.duplicates import Dedup
 from featkit.errors import FeatkitError
-from featkit.options import DOWNLOAD, DownloadOptions
-from featkit.flickr import (ENDPOINT_ENV, FLICKR_RESULT_CAP, RETRY_STATUSES, FlickrClient, backoff_delay, gave_up,
-                            resolve_license, retrying_session, search_windows, tries_made)
+from featkit.cache.lock import Lock
+from featkit.cache.names import DOWNLOAD_LOCK, IMAGES_DIR
+from featkit.fetcher import Candidate, Fetched, ImageFetcher, image_path, photo_row
+from featkit.flickr import ENDPOINT_ENV, FlickrClient, resolve_license, search_windows
 from featkit.images import decoded_size, dhash
-from featkit.manifest import MANIFEST_COLUMNS, SKIPPED_COLUMNS, read_manifest, write_manifest
-from featkit.validate import check_float, check_int, check_url
+from featkit.journal import PHOTO_ID, TMP_SUFFIX, Journal
+from featkit.options import DOWNLOAD, FETCH, DownloadOptions, FetchOptions
+from featkit.validate import check_url
 
 EXTRAS = "url_n,owner_name,license,geo,date_taken,tags"
 SIZE_SUFFIX = "n"  # url_n: 320 px on the longest side, enough for 224-px backbones
 TAKEN_FROM = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 FLUSH_EVERY = 100  # rewrite the manifest after this many new images, or FLUSH_SHARE of those kept if more
 FLUSH_SHARE = 0.1  # (each rewrite costs all the rows: a fixed interval would make a long run quadratic)
-_PHOTO_ID = re.compile(r"^[0-9]{1,20}$")
-_DATE_TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
-_TMP_SUFFIX = ".tmp"
-_JOURNAL = ".download-journal.jsonl"
-_LOCK = ".download.lock"
 
 
 # --------------------------------------------------------------------------- summary
@@ -109,269 +100,6 @@ class DownloadSummary:
                 f"{self.api_calls} API calls; manifest {self.manifest}")
 
 
-# --------------------------------------------------------------------------- candidates
-
-@dataclass
-class _Candidate:
-    photo_id: str
-    city: str
-    row: dict[str, str]
-
-
-@dataclass
-class _Fetched:
-    candidate: _Candidate
-    data: bytes | None = None   # None: reused file already on disk
-    error: str | None = None
-    permanent: bool = True
-    tmp: Path | None = None
-
-
-def _photo_row(photo: dict, city: str, image_url: str) -> dict[str, str]:
-    lat, lon = str(photo.get("latitude") or ""), str(photo.get("longitude") or "")
-    try:
-        has_geo = float(lat) != 0.0 or float(lon) != 0.0
-    except ValueError:
-        has_geo = False
-    date = str(photo.get("datetaken") or "")
-    return {
-        "photo_id": str(photo["id"]),
-        "city": city,
-        "path": f"images/{city}/{photo['id']}.jpg",
-        "owner": _clean(photo.get("owner")),
-        "license": _clean(photo.get("license")),
-        "latitude": lat if has_geo else "",
-        "longitude": lon if has_geo else "",
-        "date_taken": date if _DATE_TAKEN.match(date) else "",
-        "url": image_url,
-        "title": _clean(photo.get("title"))[:300],
-        "sha256": "",
-    }
-
-
-def _clean(value: object) -> str:
-    return " ".join(str(value if value is not None else "").split())
-
-
-def _image_path(out_dir: Path, city: str, pid: str) -> Path:
-    return out_dir / "images" / city / f"{pid}.jpg"
-
-
-# --------------------------------------------------------------------------- the journal
-
-class _Journal:
-    """What one output folder holds: manifest rows, skipped rows, and the journal of changes since.
-
-    Every change is appended to the journal (one JSON line, flushed) before it
-    counts; :meth:`flush` rewrites both CSVs atomically and empties the journal.
-    Columns a user added to the manifest are kept.
-    """
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.manifest = out_dir / "manifest.csv"
-        self.skipped_path = out_dir / "skipped.csv"
-        self.path = out_dir / _JOURNAL
-        self.rows: dict[str, dict[str, str]] = {}
-        self.skipped: dict[str, dict[str, str]] = {}
-        self.columns = {self.manifest: MANIFEST_COLUMNS, self.skipped_path: SKIPPED_COLUMNS}
-        self._fh: io.TextIOWrapper | None = None
-        self.dirty = 0
-
-    def load(self) -> None:
-        """Read both CSVs (with :func:`featkit.manifest.read_manifest`), then replay the journal."""
-        for path, target in ((self.manifest, self.rows), (self.skipped_path, self.skipped)):
-            if path.exists():
-                ours = self.columns[path]
-                columns, rows = read_manifest(path, ours, fix=f"expected the columns featkit download writes "
-                                              f"({','.join(ours)}); move it away to start a new download there")
-                self.columns[path] = (*ours, *(c for c in columns if c not in ours))
-                target.update((row["photo_id"], row) for row in rows)
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                self._apply(entry)
-
-    def _apply(self, entry: dict) -> None:
-        kind, row = entry.get("kind"), entry.get("row") or {}
-        pid = row.get("photo_id", "")
-        if not _PHOTO_ID.match(pid):
-            return
-        if kind == "keep":
-            self.rows[pid] = {c: row.get(c, "") for c in MANIFEST_COLUMNS}
-            self.skipped.pop(pid, None)
-        elif kind == "drop":
-            self.rows.pop(pid, None)
-            self.skipped[pid] = {c: row.get(c, "") for c in SKIPPED_COLUMNS}
-
-    def record(self, kind: str, row: dict[str, str]) -> None:
-        """Apply and journal one change (``keep`` a row, or ``drop`` an id with a reason)."""
-        self._apply({"kind": kind, "row": row})
-        if self._fh is None:
-            self._fh = self.path.open("a", encoding="utf-8")
-        self._fh.write(json.dumps({"kind": kind, "row": row}) + "\n")
-        self._fh.flush()
-        self.dirty += 1
-
-    def flush(self) -> None:
-        """Rewrite manifest and skipped list atomically, then empty the journal."""
-        for path, rows in ((self.manifest, self.rows), (self.skipped_path, self.skipped)):
-            ordered = sorted(rows.values(), key=lambda r: (r.get("city", ""), int(r["photo_id"])))
-            write_manifest(path, ordered, self.columns[path])
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self.path.unlink(missing_ok=True)
-        self.dirty = 0
-
-    def remove_leftovers(self) -> None:
-        """Delete temporary files a killed run left: partial images and half-written CSVs."""
-        for path in (self.manifest, self.skipped_path):
-            for tmp in self.out_dir.glob(f".{path.name}.*{_TMP_SUFFIX}"):
-                tmp.unlink(missing_ok=True)
-        images = self.out_dir / "images"
-        images.mkdir(exist_ok=True)
-        for city_dir in images.iterdir():
-            if city_dir.is_dir():
-                for tmp in city_dir.glob(f"*{_TMP_SUFFIX}"):
-                    tmp.unlink(missing_ok=True)
-
-    def kept(self, city: str) -> list[dict[str, str]]:
-        return [r for r in self.rows.values() if r["city"] == city]
-
-
-# --------------------------------------------------------------------------- dedup
-
-class _Dedup:
-    """Kept photos by content: exact (sha256) and near (difference hash within ``bits``) duplicates."""
-
-    def __init__(self, bits: int):
-        self.bits = bits
-        self.sha_owner: dict[str, str] = {}  # sha256 -> kept photo id
-        self.ids: list[str] = []
-        self._hashes = np.empty(1024, dtype=np.uint64)  # the first len(ids) hold their hashes
-
-    @property
-    def hashes(self) -> np.ndarray:
-        return self._hashes[:len(self.ids)]
-
-    def index(self, rows: Iterable[dict[str, str]], out_dir: Path) -> None:
-        """Learn the photos already kept (their files are on disk)."""
-        for row in rows:
-            if row.get("sha256"):
-                self.sha_owner.setdefault(row["sha256"], row["photo_id"])
-            try:
-                h = dhash((out_dir / row["path"]).read_bytes())
-            except (OSError, ValueError, UnidentifiedImageError):
-                continue
-            self._append(row["photo_id"], h)
-
-    def _append(self, pid: str, h: int) -> None:
-        n = len(self.ids)
-        if n == len(self._hashes):  # grown by doubling: no copy of every hash for every photo
-            self._hashes = np.concatenate([self._hashes, np.empty_like(self._hashes)])
-        self._hashes[n] = h
-        self.ids.append(pid)
-
-    def match(self, sha: str, h: int) -> tuple[str, str] | None:
-        """``("duplicate", id)`` or ``("near-duplicate", id)`` of a kept photo, else None."""
-        other = self.sha_owner.get(sha)
-        if other is not None:
-            return "duplicate", other
-        if not self.ids:
-            return None
-        dist = np.bitwise_count(self.hashes ^ np.uint64(h))
-        i = int(np.argmin(dist))
-        return ("near-duplicate", self.ids[i]) if dist[i] <= self.bits else None
-
-    def add(self, pid: str, sha: str, h: int) -> None:
-        self.sha_owner[sha] = pid
-        self._append(pid, h)
-
-    def remove(self, pid: str, sha: str) -> None:
-        if pid in self.ids:
-            i, n = self.ids.index(pid), len(self.ids)
-            self._hashes[i:n - 1] = self._hashes[i + 1:n]
-            del self.ids[i]
-        if self.sha_owner.get(sha) == pid:
-            del self.sha_owner[sha]
-
-
-# --------------------------------------------------------------------------- image fetch
-
-class _ImageFetcher:
-    """Downloads one candidate's image to a temporary file beside its final path (worker threads).
-
-    Transport failures are retried by urllib3 (:func:`featkit.flickr.retrying_session`,
-    one session per thread); a body cut after the headers, which urllib3 cannot
-    see, by the loop here.
-    """
-
-    def __init__(self, out_dir: Path, *, min_size: int, max_retries: int, timeout_s: float, backoff_s: float,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.out_dir, self.min_size = out_dir, min_size
-        self.max_retries, self.timeout_s, self.backoff_s = max_retries, timeout_s, backoff_s
-        self._sleep = sleep
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = retrying_session(self.max_retries, self.backoff_s)
-        return s
-
-    def fetch(self, cand: _Candidate) -> _Fetched:
-        """A temporary file with the checked bytes, the final file to reuse, or why not."""
-        final = _image_path(self.out_dir, cand.city, cand.photo_id)
-        if final.is_file():  # renamed before a crash, never journaled: adopt it
-            return _Fetched(cand, data=None)
-        failed = f"download failed after {self.max_retries + 1} tries"
-        why = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                r = self._session().get(cand.row["url"], timeout=self.timeout_s)
-            except requests.RequestException as e:
-                why = f"connection error ({type(e).__name__})"
-                if not isinstance(e, (requests.ConnectionError, requests.Timeout,
-                                      requests.exceptions.ChunkedEncodingError,
-                                      requests.exceptions.ContentDecodingError)):
-                    return _Fetched(cand, error=f"request failed ({type(e).__name__})")
-                if gave_up(e):  # urllib3 already spent the retries
-                    return _Fetched(cand, error=f"{failed} ({why})", permanent=False)
-            else:
-                if r.status_code in RETRY_STATUSES:  # urllib3 gave up on it
-                    return _Fetched(cand, error=f"download failed after {tries_made(r)} tries "
-                                                f"(HTTP {r.status_code})", permanent=False)
-                return self._accept(cand, r, final)
-            if attempt < self.max_retries:
-                self._sleep(backoff_delay(attempt, self.backoff_s))
-        return _Fetched(cand, error=f"{failed} ({why})", permanent=False)
-
-    def _accept(self, cand: _Candidate, r: requests.Response, final: Path) -> _Fetched:
-        """Check a complete response; write an acceptable image to a temporary file."""
-        if r.status_code != 200:
-            return _Fetched(cand, error=f"HTTP {r.status_code}")
-        if "photo_unavailable" in r.url:
-            return _Fetched(cand, error="photo unavailable")
-        ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype.startswith("text/"):
-            return _Fetched(cand, error=f"not an image ({ctype})")
-        data = r.content
-        try:
-            w, h = decoded_size(data)
-        except ValueError:
-            return _Fetched(cand, error="not a decodable image")
-        if min(w, h) < self.min_size:
-            return _Fetched(cand, error=f"smaller than --min-size {self.min_size}")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}")
-        tmp.write_bytes(data)
-        return _Fetched(cand, data=data, tmp=tmp)
-
-
 # --------------------------------------------------------------------------- the run
 
 def download_photos(
@@ -387,13 +115,13 @@ def download_photos(
     has_geo: bool = DOWNLOAD.has_geo,
     min_size: int = DOWNLOAD.min_size,
     min_interval_s: float = DOWNLOAD.min_interval_s,
-    max_retries: int = 5,
-    timeout_s: float = 30.0,
-    backoff_s: float = 1.0,
+    max_retries: int = FETCH.max_retries,
+    timeout_s: float = FETCH.timeout_s,
+    backoff_s: float = FETCH.backoff_s,
     workers: int = DOWNLOAD.workers,
-    per_page: int = 500,
-    result_cap: int = FLICKR_RESULT_CAP,
-    near_dup_bits: int = 6,
+    per_page: int = FETCH.per_page,
+    result_cap: int = FETCH.result_cap,
+    near_dup_bits: int = FETCH.near_dup_bits,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DownloadSummary:
@@ -407,10 +135,13 @@ def download_photos(
     Flickr). ``min_size`` is the smallest accepted shorter side in pixels. A
     photo whose bytes equal a kept one, or whose difference hash is within
     ``near_dup_bits`` bits of one, is dropped as a (near-)duplicate; a photo
-    returned for two cities is dropped from both.
+    returned for two cities is dropped from both. Defaults: :class:`~featkit.options.DownloadOptions` (the
+    command's) and :class:`~featkit.options.FetchOptions` (retries, timeouts, paging: the library's only).
     """
-    _check_args(cities, per_city, query_template, min_interval_s, max_retries, timeout_s, workers, per_page,
-                result_cap, min_size)
+    DownloadOptions(per_city=per_city, query_template=query_template, min_size=min_size, min_interval_s=min_interval_s, workers=workers)
+    FetchOptions(max_retries=max_retries, timeout_s=timeout_s, backoff_s=backoff_s, per_page=per_page, result_cap=result_cap,
+                 near_dup_bits=near_dup_bits)
+    _check_cities(cities)
     license_ids = resolve_license(license)
     endpoint = _resolve_endpoint(endpoint)
     say = log if progress else (lambda _msg: None)
@@ -418,7 +149,7 @@ def download_photos(
     with _exclusive(out_dir):
         client = FlickrClient(api_key, api_secret, endpoint, min_interval_s=min_interval_s,
                               max_retries=max_retries, timeout_s=timeout_s, backoff_s=backoff_s, log=say)
-        fetcher = _ImageFetcher(out_dir, min_size=min_size, max_retries=max_retries, timeout_s=timeout_s,
+        fetcher = ImageFetcher(out_dir, min_size=min_size, max_retries=max_retries, timeout_s=timeout_s,
                                 backoff_s=backoff_s)
         run = _Run(cities, out_dir, per_city, client, fetcher, query_template=query_template,
                    license_ids=license_ids, has_geo=has_geo, workers=workers, per_page=per_page,
@@ -430,15 +161,9 @@ def download_photos(
         return run.summary()
 
 
-def _check_args(cities: list[City], per_city: int, template: str, min_interval_s: float, max_retries: int,
-                timeout_s: float, workers: int, per_page: int, result_cap: int, min_size: int) -> None:
-    """The same checks as ``featkit download``'s (:class:`~featkit.options.DownloadOptions`, whose bounds are
-    written once in :mod:`featkit.validate`), plus those of the parameters only the library takes."""
-    DownloadOptions(per_city=per_city, query_template=template, min_size=min_size, min_interval_s=min_interval_s, workers=workers)
-    check_int("max_retries", max_retries, low=0, high=100)
-    check_float("timeout_s", timeout_s, low=0, low_open=True, high=3600.0)
-    check_int("per_page", per_page, low=1, high=500)
-    check_int("result_cap", result_cap, low=per_page, why=" (at least per_page)")
+def _check_cities(cities: list[City]) -> None:
+    """Valid and distinct city names (the other values are checked by the options classes, whose bounds are
+    written once in :mod:`featkit.validate`)."""
     for c in cities:
         validate_city_name(c.name)
     names = [c.name for c in cities]
@@ -450,40 +175,28 @@ def _resolve_endpoint(endpoint: str | None) -> str | None:
     return check_url("endpoint", endpoint or os.environ.get(ENDPOINT_ENV) or None)
 
 
-@contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold the folder's download lock (one downloader per folder) for the ``with`` block."""
+def _exclusive(out_dir: Path) -> Lock:
+    """The folder's download lock (one downloader per folder), held for the ``with`` block."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock_fh = (out_dir / _LOCK).open("w")
-    try:
-        fcntl.flock(lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_fh.close()
-        raise FeatkitError(f"another featkit download is writing to {out_dir}; "
-                           "wait for it or use another --cache") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(lock_fh, fcntl.LOCK_UN)
-        lock_fh.close()
+    return Lock(out_dir / DOWNLOAD_LOCK, busy=f"another featkit download is writing to {out_dir}; wait for it or use another --cache")
 
 
 class _Run:
     """One download: search pages become candidates, candidates are fetched and settled."""
 
     def __init__(self, cities: list[City], out_dir: Path, per_city: int, client: FlickrClient,
-                 fetcher: _ImageFetcher, *, query_template: str, license_ids: str | None, has_geo: bool,
+                 fetcher: ImageFetcher, *, query_template: str, license_ids: str | None, has_geo: bool,
                  workers: int, per_page: int, result_cap: int, near_dup_bits: int, say: Callable[[str], None]):
         self.cities, self.out_dir, self.per_city = cities, out_dir, per_city
         self.client, self.fetcher = client, fetcher
         self.template, self.license_ids, self.has_geo = query_template, license_ids, has_geo
         self.workers, self.per_page, self.result_cap = workers, per_page, result_cap
         self.say = say
-        self.journal = _Journal(out_dir)
-        self.dedup = _Dedup(near_dup_bits)
+        self.journal = Journal(out_dir)
+        self.dedup = Dedup(near_dup_bits)
         self.stats = {c.name: CityStats(c.name) for c in cities}
         self.found_in: dict[str, set[str]] = {}        # photo id -> cities whose search returned it
-        self.candidates: dict[str, _Candidate] = {}    # not yet fetched, by id
+        self.candidates: dict[str, Candidate] = {}    # not yet fetched, by id
 
     # -- orchestration ------------------------------------------------------------
 
@@ -546,11 +259,11 @@ class _Run:
         # One to one: delete image files no manifest row points at.
         listed = {(self.out_dir / r["path"]).resolve() for r in self.journal.rows.values()}
         for c in self.cities:
-            city_dir = self.out_dir / "images" / c.name
+            city_dir = self.out_dir / IMAGES_DIR / c.name
             if city_dir.is_dir():
                 for p in city_dir.iterdir():
                     if p.is_file() and p.resolve() not in listed and (
-                            p.name.endswith(_TMP_SUFFIX) or re.match(r"^[0-9]+\.jpg$", p.name)):
+                            p.name.endswith(TMP_SUFFIX) or re.match(r"^[0-9]+\.jpg$", p.name)):
                         p.unlink(missing_ok=True)
         for c in self.cities:
             rows = self.journal.kept(c.name)
@@ -589,7 +302,7 @@ class _Run:
             if not isinstance(photo, dict):
                 continue
             pid = str(photo.get("id", ""))
-            if not _PHOTO_ID.match(pid):
+            if not PHOTO_ID.match(pid):
                 stats.skipped["invalid photo id"] += 1
                 continue
             seen = self.found_in.setdefault(pid, set())
@@ -613,7 +326,7 @@ class _Run:
             if not re.match(r"^https?://", url):
                 stats.skipped["no image URL"] += 1
                 continue
-            self.candidates[pid] = _Candidate(pid, city, _photo_row(photo, city, url))
+            self.candidates[pid] = Candidate(pid, city, photo_row(photo, city, url))
 
     def _make_ambiguous(self, pid: str, cities: set[str]) -> None:
         skipped = self.journal.skipped.get(pid)
@@ -634,7 +347,7 @@ class _Run:
 
     # -- download ------------------------------------------------------------
 
-    def _download(self, pool: ThreadPoolExecutor, batch: list[_Candidate]) -> None:
+    def _download(self, pool: ThreadPoolExecutor, batch: list[Candidate]) -> None:
         """Fetch ``batch`` on the pool and settle the results in order.
 
         Only a few fetches per worker run ahead of the one being settled: a fetched image
@@ -642,7 +355,7 @@ class _Run:
         made memory grow with the batch.
         """
         ahead = max(64, 16 * self.workers)
-        pending: deque[Future[_Fetched]] = deque()
+        pending: deque[Future[Fetched]] = deque()
         todo = iter(batch)
         try:
             while True:
@@ -667,7 +380,7 @@ class _Run:
                     if res.tmp is not None and res.tmp.exists():
                         res.tmp.unlink(missing_ok=True)
 
-    def _settle(self, f: _Fetched) -> None:
+    def _settle(self, f: Fetched) -> None:
         """Main thread, in submission order: dedupe, rename, journal."""
         cand, stats = f.candidate, self.stats[f.candidate.city]
         if f.error:
@@ -675,7 +388,7 @@ class _Run:
             if f.permanent:
                 self._drop(cand.photo_id, cand.city, f.error)
             return
-        final = _image_path(self.out_dir, cand.city, cand.photo_id)
+        final = image_path(self.out_dir, cand.city, cand.photo_id)
         data = f.data if f.data is not None else self._reused_bytes(cand, final)
         if data is None:
             return
@@ -698,7 +411,7 @@ class _Run:
         self.journal.record("keep", dict(cand.row, sha256=sha))
         self.dedup.add(cand.photo_id, sha, h)
 
-    def _reused_bytes(self, cand: _Candidate, final: Path) -> bytes | None:
+    def _reused_bytes(self, cand: Candidate, final: Path) -> bytes | None:
         """The bytes of an image a killed run left at its final name, if it decodes."""
         data = final.read_bytes()
         try:

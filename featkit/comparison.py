@@ -45,6 +45,8 @@ class HeadResult:
     validation_curve: list[float] | dict[str, float] | None = None  # None: the head keeps none (an optional capability)
     at_grid_edge: bool | None = None  # None: the head does not say
     geo: dict[str, Any] | None = None  # how far off, in km; None when a city has no coordinates
+    name: str = ""  # the head's name as the user spells it (``timm:NAME/mlp``); the key of ``heads`` is the file key's
+    backbone_name: str = ""  # the backbone as the user spells it (``timm:NAME``)
     extra: dict[str, Any] = field(default_factory=dict)  # figures metrics may add later, kept in the JSON
 
     @classmethod
@@ -62,10 +64,13 @@ class HeadResult:
             out[name] = getattr(self, name)
         if self.geo is not None:
             out["geo"] = self.geo
+        for name in _NAMES:
+            out[name] = getattr(self, name)
         return out
 
 
 _RECORD = ("backbone", "head", "val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")
+_NAMES = ("name", "backbone_name")  # additions after the record's fields (compare.json's older keys keep their order)
 _N_METRICS = [f.name for f in fields(HeadResult)].index("backbone")
 
 
@@ -100,6 +105,7 @@ class Comparison:
     featkit: str  # featkit's version
     generated: str  # when
     provenance: dict[str, Any]
+    backbone_names: dict[str, str] = field(default_factory=dict)  # key -> the backbone as the user spells it
 
     @property
     def best(self) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 from featkit import __version__
 from featkit.cities import city_coordinates
 from featkit.comparison import Comparison, HeadResult, Ranking
+from featkit.naming import backbone_name, head_name
 from featkit.errors import FeatkitError
 from featkit.leaks import SplitPhoto, split_leaks
 from featkit.metrics import evaluate_predictions, geographic_error, rank_heads
@@ -67,7 +68,7 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
             _check_head(name, p, est, rec, found)
             metrics = evaluate_predictions(reference["cities"], yte, est.predict_proba(Xte), est.classes_)
             heads[prefix + name] = HeadResult.from_metrics(
-                metrics, backbone=key, head=name, **{k: rec.get(k) for k in ("val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")},
+                metrics, backbone=key, head=name, name=head_name(prefix + name), backbone_name=backbone_name(key), **{k: rec.get(k) for k in ("val_score", "fit_seconds", "chosen", "seed", "validation_curve", "at_grid_edge")},
             )
     cities, columns, yte = reference["cities"], reference["columns"], reference["y"]
     counts = split_counts(list(columns["city"]), list(columns["split"]))
@@ -96,6 +97,7 @@ def evaluate_heads(cache_dir: str | Path, *, cities_spec: str | None = None, lea
         featkit=__version__,
         generated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         provenance=provenance(),
+        backbone_names={k: backbone_name(k) for k in backbones},
     )
 
 

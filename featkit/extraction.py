@@ -204,8 +204,9 @@ def write_batches(
 
 
 def split_protocol(options: ExtractOptions) -> dict:
-    """The options that decide the splits, as recorded in the cache."""
-    return {"seed": options.seed, "test_size": options.test_size, "val_size": options.val_size}
+    """The options that decide the splits, as recorded in the cache (``seed`` is the split seed: the key
+    older caches recorded when one seed drove everything, read the same way)."""
+    return {"seed": options.split_seed, "test_size": options.test_size, "val_size": options.val_size}
 
 
 def check_split_protocol(store: FeatureStore, options: ExtractOptions) -> None:
@@ -213,17 +214,21 @@ def check_split_protocol(store: FeatureStore, options: ExtractOptions) -> None:
     (the recorded splits would win, silently ignoring the new options)."""
     recorded, wanted = store.split_protocol, split_protocol(options)
     if recorded is not None and store.n_rows and recorded != wanted:
-        rec = " ".join(f"{k}={v}" for k, v in sorted(recorded.items()))
-        want = " ".join(f"{k}={v}" for k, v in sorted(wanted.items()))
+        rec, want = protocol_text(recorded), protocol_text(wanted)
         raise FeatkitError(
             f"cache {store.path} holds splits made with {rec}, not {want}; pass the recorded values to add photos, "
             "or change the splits of the cached photos without re-extracting them: featkit split --cache DIR "
-            "--test-size T --val-size V --seed S"
+            "--test-size T --val-size V --split-seed S"
         )
 
 
+def protocol_text(protocol: dict) -> str:
+    """A recorded split protocol as the options that repeat it: ``split_seed=0 test_size=0.125 val_size=0.1``."""
+    return " ".join(f"{'split_seed' if k == 'seed' else k}={v}" for k, v in sorted(protocol.items()))
+
+
 def resplit(stores: list[FeatureStore], options: ExtractOptions) -> dict[str, dict[str, int]]:
-    """Draw the splits of the cached photos again under ``options``' seed, test and val sizes (no re-extraction).
+    """Draw the splits of the cached photos again under ``options``' split seed, test and val sizes (no re-extraction).
 
     ``stores``: every backbone of one cache folder; they get one split, drawn once over all their photos.
     Returns the counts of the store with the most photos.
@@ -233,7 +238,7 @@ def resplit(stores: list[FeatureStore], options: ExtractOptions) -> dict[str, di
         cols = {k: store.column(k) for k in ("photo_id", "city", "path", "owner")}
         for pid, city, path, owner in zip(*cols.values()):
             photos.setdefault(pid, Photo(pid, city, Path(path), owner))
-    splits = assign_splits(list(photos.values()), seed=options.seed, test_size=options.test_size, val_size=options.val_size)
+    splits = assign_splits(list(photos.values()), seed=options.split_seed, test_size=options.test_size, val_size=options.val_size)
     for store in stores:
         store.rewrite_splits(splits, split_protocol(options))
     largest = max(stores, key=lambda s: s.n_rows)
@@ -246,10 +251,10 @@ def shared_split(cache_path: str | Path, options: ExtractOptions) -> dict[str, s
     backbone's file is created, so a refused run leaves nothing behind)."""
     shared, protocol = shared_splits(cache_path)
     if protocol is not None and protocol != split_protocol(options):
-        rec = " ".join(f"{k}={v}" for k, v in sorted(protocol.items()))
+        rec = protocol_text(protocol)
         raise FeatkitError(
             f"the other backbones in {Path(cache_path).parent} hold splits made with {rec}; pass the same values "
-            "(every backbone of a cache shares one split), or re-draw them all with featkit split"
+            "(--split-seed, --test-size, --val-size: every backbone of a cache shares one split), or re-draw them all with featkit split"
         )
     return shared
 
@@ -299,7 +304,7 @@ def plan(
     failed_csv = store.path.with_name(FAILED_CSV)
     try:
         splits = assign_splits(
-            readable, seed=options.seed, test_size=options.test_size, val_size=options.val_size, fixed=existing,
+            readable, seed=options.split_seed, test_size=options.test_size, val_size=options.val_size, fixed=existing,
             unreadable=unreadable, failed_csv=str(failed_csv),
         )
     except FeatkitError:
@@ -376,7 +381,7 @@ def extraction_provenance(
     """
     source = weights_source or source_of_spec(spec)
     return provenance(
-        device=str(dev), decode=resolve_decode(options.decode, dev), seed=options.seed, test_size=options.test_size, val_size=options.val_size,
+        device=str(dev), decode=resolve_decode(options.decode, dev), split_seed=options.split_seed, test_size=options.test_size, val_size=options.val_size,
         backbone=spec.describe(), weights_source=source, weights_seed=spec.weights_seed, **extra
     )
 

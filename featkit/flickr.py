@@ -31,12 +31,11 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util import Retry
 
 from featkit.errors import FeatkitError
-from featkit.options import ENDPOINT_ENV
+from featkit.options import DOWNLOAD, ENDPOINT_ENV, FETCH
 
 KEY_ENV, SECRET_ENV = "FLICKR_API_KEY", "FLICKR_API_SECRET"
 DEFAULT_CONFIG = Path("~/.config/featkit/flickr.toml")
 API_KEY_HELP = "https://www.flickr.com/services/api/misc.api_keys.html"
-FLICKR_RESULT_CAP = 4000
 MIN_WINDOW_S = 60  # a window is not split below this span
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_WAIT_S = 60.0  # no back-off, and no Retry-After, waits longer than this
@@ -196,8 +195,8 @@ class FlickrClient:
     """
 
     def __init__(self, api_key: str, api_secret: str, endpoint: str | None = None, *,
-                 min_interval_s: float = 1.0, max_retries: int = 5, timeout_s: float = 30.0,
-                 backoff_s: float = 1.0, log: Callable[[str], None] = print,
+                 min_interval_s: float = DOWNLOAD.min_interval_s, max_retries: int = FETCH.max_retries,
+                 timeout_s: float = FETCH.timeout_s, backoff_s: float = FETCH.backoff_s, log: Callable[[str], None] = print,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         import flickrapi  # only the downloader needs it
 

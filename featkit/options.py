@@ -15,6 +15,28 @@ from featkit.validate import MAX_DOWNLOAD_WORKERS, MAX_INTERVAL_S, MAX_JPEG_SIDE
 
 DTYPES = ("float16", "float32")  # how features are stored in the cache
 DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded: gpu is nvJPEG on the backbone's CUDA device; auto is cpu for now
+STREAM_CHOICES = ("auto", "yes", "no")  # fit: train from shuffled blocks of the cache, or load it
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How the train / val / test splits are drawn (:func:`featkit.splits.assign_splits`, ``featkit split``).
+
+    ``split_seed`` orders the owner groups; it is recorded in the cache's split protocol as ``seed`` (so a
+    cache made before the seeds were separate, whose one ``seed`` drew its splits, is read the same way).
+    Sizes are per city: a count (>= 1, e.g. the study's 500) or a fraction (< 1)."""
+
+    split_seed: int = 0
+    test_size: float = 0.125
+    val_size: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_seed(self.split_seed, "split_seed")
+        check_split_size("test_size", self.test_size)
+        check_split_size("val_size", self.val_size)
+
+
+SPLIT = SplitOptions()
 
 
 @dataclass(frozen=True)
@@ -40,9 +62,10 @@ class ExtractOptions:
     workers: int | None = None  # image-decoding worker processes; None: cores - 1 (at most 8)
     dtype: str = "float16"
     decode: str = "auto"  # auto | cpu | gpu (nvJPEG on the backbone's CUDA device, CPU for what it cannot take); auto: cpu for now
-    seed: int = 0
-    test_size: float = 0.125
-    val_size: float = 0.1
+    split_seed: int = SPLIT.split_seed  # the splits (see SplitOptions); recorded in the cache
+    weights_seed: int = 0  # random weights only (``weights="random"``): their initialisation
+    test_size: float = SPLIT.test_size
+    val_size: float = SPLIT.val_size
     overwrite: bool = False
     retry_failed: bool = False  # read again the photos recorded as failed (not stored), e.g. after fixing their files
     repair: bool = False  # first drop the cached rows that fail their checks (featkit verify), then extract them again
@@ -53,9 +76,13 @@ class ExtractOptions:
         check_choice("decode", self.decode, DECODES)
         check_int("batch_size", self.batch_size, low=1)
         check_workers(self.workers)
-        check_seed(self.seed)
-        check_split_size("test_size", self.test_size)
-        check_split_size("val_size", self.val_size)
+        check_seed(self.weights_seed, "weights_seed")
+        SplitOptions(self.split_seed, self.test_size, self.val_size)
+
+    @property
+    def split(self) -> SplitOptions:
+        """The options that draw the splits."""
+        return SplitOptions(self.split_seed, self.test_size, self.val_size)
 
 
 @dataclass(frozen=True)
@@ -110,12 +137,29 @@ SVM = SVMOptions()
 
 
 @dataclass(frozen=True)
+class FitOptions:
+    """``featkit fit``'s defaults (and :func:`featkit.fit`'s, :func:`featkit.training.fit_heads`')."""
+
+    head: str = "all"  # a head name, a comma list, or all
+    seed: int = 0  # the heads' training (initial weights, shuffling); splits and random weights have their own
+    device: str = "auto"
+    stream: str = "auto"  # yes: from shuffled blocks of the cache; no: load it; auto: stream past half the free memory
+    block_rows: int = 4096  # rows per shuffled block when streaming
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+        check_choice("stream", self.stream, STREAM_CHOICES)
+        check_int("block_rows", self.block_rows, low=1)
+
+
+@dataclass(frozen=True)
 class PredictOptions:
     """``featkit predict``'s defaults (and :class:`featkit.prediction.Predictor`'s)."""
 
     head: str | None = None  # None: the fitted head with the best validation accuracy
     weights: str | None = None  # None: the weights the cache records it was extracted with
-    seed: int | None = None  # random weights only; None: the cache's recorded seed
+    seed: int | None = None  # the seed of random weights only; None: the weights seed the cache records
     device: str = "auto"
     top: int = 3
     batch_size: int = 32
@@ -157,6 +201,42 @@ class DownloadOptions:
             raise FeatkitError(f"`query_template` {template!r} must contain {{city}} and nothing else in braces, e.g. '{{city}} streets'", param="query_template")
 
 
+FLICKR_RESULT_CAP = 4000  # Flickr answers at most about this many results per query (later pages repeat)
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """:func:`featkit.collect.download_photos`' parameters that only the library takes (the command keeps
+    these defaults): retries and timeouts of every Flickr call and image download, the search paging, and the
+    near-duplicate threshold."""
+
+    max_retries: int = 5  # per API call or image, after the first try
+    timeout_s: float = 30.0  # per request
+    backoff_s: float = 1.0  # the first retry's wait; doubled each time (with jitter), at most 60 s
+    per_page: int = 500  # Flickr's largest page
+    result_cap: int = FLICKR_RESULT_CAP  # a date window with more results is halved
+    near_dup_bits: int = 6  # dHash bits within which two photos are near-duplicates
+
+    def __post_init__(self) -> None:
+        check_int("max_retries", self.max_retries, low=0, high=100)
+        check_float("timeout_s", self.timeout_s, low=0, low_open=True, high=3600.0)
+        check_float("backoff_s", self.backoff_s, low=0)
+        check_int("per_page", self.per_page, low=1, high=500)
+        check_int("result_cap", self.result_cap, low=self.per_page, why=" (at least per_page)")
+        check_int("near_dup_bits", self.near_dup_bits, low=0, high=64)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """``featkit demo``'s defaults: generated photos of a few cities, random weights (offline), a capped MLP."""
+
+    cities: str = "Paris,Tokyo,London,New York"
+    per_city: int = 40
+    weights: str | None = "random"
+    max_iter: int = 60  # the MLP's epochs: generated photos are easy, and the demo should take minutes
+    seed: int = 0  # everything the demo draws: the photos, the random weights, the split and the training
+
+
 def defaults(cls) -> dict:
     """``{field: default}`` of an options dataclass."""
     return {f.name: f.default for f in fields(cls)}
@@ -165,10 +245,8 @@ def defaults(cls) -> dict:
 EXTRACT = ExtractOptions()
 BACKBONE = BackboneOptions()
 MLP = MLPOptions()
+FIT = FitOptions()
 DOWNLOAD = DownloadOptions()
+FETCH = FetchOptions()
 PREDICT = PredictOptions()
-
-# featkit demo: generated photos of a few cities, random weights (offline), a capped MLP.
-DEMO_CITIES = "Paris,Tokyo,London,New York"
-DEMO_PER_CITY = 40
-DEMO_WEIGHTS = "random"
+DEMO = DemoOptions()

@@ -41,6 +41,7 @@ from featkit.cache.identity import cache_identity, check_identity
 from featkit.cache.names import cache_file, heads_dir
 from featkit.cache.shelf import choose_head
 from featkit.cache.store import FeatureStore
+from featkit.naming import head_key, head_name
 from featkit.validate import check_int, check_seed, check_workers, require_cache
 
 CSV_COLUMNS = ("source", "rank", "city", "probability", "error")
@@ -111,7 +112,7 @@ def resolve_weights(cache_dir: str | Path, weights: str | None, seed: int | None
     """
     recorded_seed = (prov or {}).get("weights_seed", (prov or {}).get("seed"))
     if seed is None:
-        seed = EXTRACT.seed if recorded_seed is None else int(recorded_seed)
+        seed = EXTRACT.weights_seed if recorded_seed is None else int(recorded_seed)
     if weights is not None:
         return (None if str(weights) == TORCHVISION_SOURCE else str(weights)), seed
     where = cache_file(cache_dir, key)

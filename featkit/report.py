@@ -19,6 +19,7 @@ import numpy as np
 
 from featkit.atomic import publish_files
 from featkit.escape import printable
+from featkit.naming import backbone_name, head_name as shown
 from featkit.comparison import Comparison, as_dict
 
 # The seed study's overall test accuracy (VGG16 conv base + 1024-unit dense head, 500 test photos
@@ -75,7 +76,7 @@ def render_markdown(results: Comparison | dict) -> str:
     names = list(heads)
     study_acc = study_accuracy()
     study = set(study_acc) <= set(cities)
-    header = ["city", "n test"] + [md(h) for h in names] + (["study"] if study else [])
+    header = ["city", "n test"] + [md(shown(h)) for h in names] + (["study"] if study else [])
     lines = [
         "# featkit: per-city comparison of heads" + (" and backbones" if len(results.get("backbones") or {}) > 1 else ""),
         "",
@@ -111,10 +112,10 @@ def render_markdown(results: Comparison | dict) -> str:
     grid = backbone_grid(results)
     if grid:
         lines += ["", "## Backbone x head", "", "Overall test accuracy (95% interval) of every pair, on the same test photos.", "",
-                  "| backbone | " + " | ".join(md(h) for h in grid["heads"]) + " |", "|---|" + "---:|" * len(grid["heads"])]
+                  "| backbone | " + " | ".join(md(shown(h)) for h in grid["heads"]) + " |", "|---|" + "---:|" * len(grid["heads"])]
         for b in grid["backbones"]:
             cells = [_ci(c["accuracy"], c["accuracy_ci"]) if c else "" for c in (grid["cells"][b].get(h) for h in grid["heads"])]
-            lines.append(f"| {md(b)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {md(backbone_name(b))} | " + " | ".join(cells) + " |")
     if ranking and ranking["pairs"]:
         lines += [
             "",
@@ -146,7 +147,7 @@ def render_markdown(results: Comparison | dict) -> str:
         ]
         for h in names:
             cal = heads[h]["calibration"]
-            lines.append(f"| {md(h)} | {_ci(cal['ece'], cal['ece_ci'])} | {cal['n_bins']} | {_fmt(cal['mean_confidence'])} | {_fmt(heads[h]['accuracy'])} |")
+            lines.append(f"| {md(shown(h))} | {_ci(cal['ece'], cal['ece_ci'])} | {cal['n_bins']} | {_fmt(cal['mean_confidence'])} | {_fmt(heads[h]['accuracy'])} |")
     geo = results.get("geo")
     if geo is not None:
         lines += ["", "## How far off", ""]
@@ -163,14 +164,14 @@ def render_markdown(results: Comparison | dict) -> str:
             for h in names:
                 g = heads[h]["geo"]
                 mean = f"{_km(g['mean_km'])} ({_km(g['mean_km_ci'][0])}-{_km(g['mean_km_ci'][1])})"
-                lines.append(f"| {md(h)} | {mean} | {_km(g['median_km'])} | {_ci(g['within_500_km'], g['within_500_km_ci'])} | "
+                lines.append(f"| {md(shown(h))} | {mean} | {_km(g['median_km'])} | {_ci(g['within_500_km'], g['within_500_km_ci'])} | "
                              f"{_ci(g['within_2500_km'], g['within_2500_km_ci'])} |")
     if names and "confused_pairs" in heads[names[0]]:
         lines += ["", "## Most confused city pairs", "", "Both directions; the share is of the first city's test photos.", "",
                   "| head | pair | first as second | second as first |", "|---|---|---:|---:|"]
         for h in names:
             for p in heads[h]["confused_pairs"]:
-                lines.append(f"| {md(h)} | {md(p['a'])} / {md(p['b'])} | {p['a_as_b']} ({_fmt(p['a_as_b_share'])}) | {p['b_as_a']} ({_fmt(p['b_as_a_share'])}) |")
+                lines.append(f"| {md(shown(h))} | {md(p['a'])} / {md(p['b'])} | {p['a_as_b']} ({_fmt(p['a_as_b_share'])}) | {p['b_as_a']} ({_fmt(p['b_as_a_share'])}) |")
     lines += [
         "",
         "## Predicted share beside true share",
@@ -178,7 +179,7 @@ def render_markdown(results: Comparison | dict) -> str:
         "A city predicted far more often than it occurs is a sink for ambiguous scenes "
         "(the study's plain roads went to Los Angeles).",
         "",
-        "| city | true share | " + " | ".join(f"{md(h)} predicted" for h in names) + " |",
+        "| city | true share | " + " | ".join(f"{md(shown(h))} predicted" for h in names) + " |",
         "|---|---:|" + "---:|" * len(names),
     ]
     for c in cities:
@@ -209,11 +210,11 @@ def render_markdown(results: Comparison | dict) -> str:
         edge = info.get("at_grid_edge")
         edge = "" if edge is None else ("**yes**" if edge else "no")
         lines.append(
-            f"| {md(h)} | {_fmt(info.get('val_score'))} | {info.get('fit_seconds', 0):.1f} | {md(params)} | {edge} | {_curve(info.get('validation_curve'))} |"
+            f"| {md(shown(h))} | {_fmt(info.get('val_score'))} | {info.get('fit_seconds', 0):.1f} | {md(params)} | {edge} | {_curve(info.get('validation_curve'))} |"
         )
     lines += ["", "## Confusion matrices", "", "Rows: true city; columns: predicted city; shading: row-normalised.", ""]
     for h in names:
-        lines.append(f"![{md(h)}]({_png_name(h)})")
+        lines.append(f"![{md(shown(h))}]({_png_name(h)})")
     counts = results.get("split_counts")
     if counts:
         lines += ["", "## Split sizes", "", "| city | train | val | test |", "|---|---:|---:|---:|"]
@@ -326,7 +327,7 @@ def render_html(results: Comparison | dict, confusion_pngs: dict[str, bytes] | N
         "leak_sentence": _leak_sentence(results["leaks"]) if results.get("leaks") else None,
     }
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(fmt=_fmt, ci=_ci, km=_km, signed=lambda x: f"{x:+.3f}")
+    env.filters.update(fmt=_fmt, ci=_ci, km=_km, signed=lambda x: f"{x:+.3f}", shown=shown, backbone=backbone_name)
     template = env.from_string((resources.files("featkit") / "templates" / "compare.html.j2").read_text(encoding="utf-8"))
     return template.render(**context)
 

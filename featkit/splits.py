@@ -6,8 +6,10 @@ import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 
+from featkit.cache.names import FAILED_CSV
 from featkit.errors import FeatkitError
 from featkit.manifest import Photo
+from featkit.options import SPLIT
 
 SPLITS = ("train", "val", "test")
 
@@ -29,19 +31,19 @@ def _target(size: float, n: int) -> int:
 def assign_splits(
     photos: list[Photo],
     *,
-    seed: int = 0,
-    test_size: float = 0.125,
-    val_size: float = 0.1,
+    seed: int = SPLIT.split_seed,
+    test_size: float = SPLIT.test_size,
+    val_size: float = SPLIT.val_size,
     fixed: dict[str, str] | None = None,
     unreadable: Mapping[str, int] | None = None,
-    failed_csv: str = "failed.csv",
+    failed_csv: str = FAILED_CSV,
 ) -> dict[str, str]:
     """Assign every photo to train / val / test, deterministically, stratified by city.
 
     ``test_size`` and ``val_size`` are per city: a count (>= 1, e.g. the study's
     500) or a fraction (< 1). Photos are grouped by owner when owners are
     known, so no photographer lands in two splits; otherwise each photo is its
-    own group. Groups are taken in an order drawn from ``seed`` (a hash, so the
+    own group. Groups are taken in an order drawn from ``seed`` (the split seed; a hash, so the
     order is the same on every machine), filling each city's test quota, then
     its val quota; the rest is train. ``fixed`` pins splits already recorded
     (photos already in a cache): their groups keep that split, so a cache that

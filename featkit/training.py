@@ -8,19 +8,20 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from featkit.devices import resolve_device
 from featkit.errors import FeatkitError
-from featkit.heads import HEADS, can_stream, head_names, make_head, reports_progress
+from featkit.heads import HEADS, MLPHead, can_stream, head_name as registry_name, head_names, make_head, reports_progress
 from featkit.cache.shelf import save_head
+from featkit.naming import backbone_name, select_backbones
+from featkit.options import FIT, STREAM_CHOICES, MLPOptions
 from featkit.provenance import provenance
-from featkit.cache.names import cache_file, heads_dir, resolve_backbones
+from featkit.cache.names import cache_file, head_file, heads_dir
 from featkit.cache.store import FeatureStore
 from featkit.validate import check_choice, check_head_params, check_int, check_seed, ensure_writable_dir, require_cache
-
-STREAM_CHOICES = ("auto", "yes", "no")
 
 
 def resolve_heads(head: str) -> list[str]:
@@ -35,16 +36,29 @@ def resolve_heads(head: str) -> list[str]:
     return names
 
 
+def head_params(params: dict | None, mlp: MLPOptions | None = None) -> dict[str, dict]:
+    """``params`` with ``mlp`` (the MLP head's parameters as :class:`~featkit.options.MLPOptions`) as the MLP
+    head's entry; refused when both name the MLP's parameters."""
+    params = {} if params is None else params
+    if not isinstance(params, dict) or any(n not in HEADS for n in params):
+        raise FeatkitError(f"`params` maps head names ({', '.join(head_names())}) to their parameters; got {params!r}", param="params")
+    if mlp is None:
+        return params
+    if not isinstance(mlp, MLPOptions):
+        raise FeatkitError(f"`mlp` is an MLPOptions (featkit.MLPOptions(max_iter=50, ...)); got {mlp!r}", param="mlp")
+    name = registry_name(MLPHead)
+    if name in params:
+        raise FeatkitError(f"give the MLP's parameters once: `mlp` or `params`[{name!r}], not both", param="mlp")
+    return {**params, name: asdict(mlp)}
+
+
 def check_fit_args(cache_dir: str | Path, head: str, *, seed: int, device: str, params: dict | None, stream: str) -> list[str]:
     """Everything ``fit`` is given, checked before a feature is read or a head file written; returns the head names."""
     names = resolve_heads(head)
     check_seed(seed)
     resolve_device(device)  # a missing GPU fails before any head trains (or any saved head is replaced)
     check_choice("stream", stream, STREAM_CHOICES)
-    params = {} if params is None else params
-    if not isinstance(params, dict) or any(n not in HEADS for n in params):
-        raise FeatkitError(f"`params` maps head names ({', '.join(head_names())}) to their parameters; got {params!r}", param="params")
-    for name, p in params.items():
+    for name, p in head_params(params).items():
         check_head_params(name, p, HEADS[name]().get_params())
     require_cache(cache_dir)
     ensure_writable_dir(heads_dir(cache_dir), "cache_dir")
@@ -58,7 +72,7 @@ def _available_bytes() -> int:
         return 1 << 62
 
 
-def should_stream(n_rows: int, n_features: int, stream: str = "auto") -> bool:
+def should_stream(n_rows: int, n_features: int, stream: str = FIT.stream) -> bool:
     """``auto``: stream when the float32 training matrix would take over half the available memory."""
     if stream not in STREAM_CHOICES:
         raise FeatkitError(f"unknown `stream` {stream!r}; choose one of: {', '.join(STREAM_CHOICES)}", param="stream")
@@ -69,33 +83,39 @@ def should_stream(n_rows: int, n_features: int, stream: str = "auto") -> bool:
 
 def fit_heads(
     cache_dir: str | Path,
-    head: str = "all",
+    head: str = FIT.head,
     *,
     backbone: str | None = None,
-    seed: int = 0,
-    device: str = "auto",
+    seed: int = FIT.seed,
+    device: str = FIT.device,
     params: dict[str, dict] | None = None,
-    stream: str = "auto",
-    block_rows: int = 4096,
-    progress: bool = True,
+    mlp: MLPOptions | None = None,
+    stream: str = FIT.stream,
+    block_rows: int = FIT.block_rows,
+    progress: bool = FIT.progress,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train the named heads on the cache's train split (val split for early stopping / choices) and save them.
 
-    Heads are fitted for every backbone the cache holds (or only ``backbone``), each saved under that
-    backbone's heads folder. ``params`` maps a head name to its parameters (``{"mlp": {"max_iter": 50}}``).
+    Heads are fitted for every backbone the cache holds (or only ``backbone``: ``timm:NAME`` as extract
+    takes it, or its file key ``timm-NAME``), each saved under that backbone's heads folder. ``params``
+    maps a head name to its parameters (``{"mlp": {"max_iter": 50}}``); ``mlp`` gives the MLP's as an
+    :class:`~featkit.options.MLPOptions` instead (``mlp=MLPOptions(max_iter=50)``: every field of it,
+    so the MLP then has MLPOptions' defaults for the rest). ``seed`` drives the training only (the
+    splits and random weights have their own seeds, given to ``extract``).
     In memory (the default when it fits) the float32 training matrix is read
     once and shared; a head that can scale it in place (``copy``) runs
     last and does so. Streaming (``stream="yes"``, or ``auto`` on a cache
     larger than half the free memory) trains the heads that can from shuffled
     blocks of the cache; the others still load it.
     """
+    params = head_params(params, mlp)
     names = check_fit_args(cache_dir, head, seed=seed, device=device, params=params, stream=stream)
     check_int("block_rows", block_rows, low=1)
-    keys = resolve_backbones(cache_dir, backbone)
+    keys = select_backbones(cache_dir, backbone)
     records = []
     for key in keys:
-        label = f"{key}/" if len(keys) > 1 else ""
+        label = f"{backbone_name(key)}/" if len(keys) > 1 else ""
         records += _fit_backbone(
             Path(cache_dir), key, names, label=label, seed=seed, device=device, params=params or {}, stream=stream,
             block_rows=block_rows, progress=progress, log=log,
@@ -146,11 +166,12 @@ def _fit_backbone(cache_dir: Path, key: str, names: list[str], *, label: str, se
             record = {
                 **_head_record(name, est, store, cities=cities, split_id=split_id, seed=seed, device=device, Xva=Xva, yva=yva),
                 "backbone": key,
+                "backbone_name": backbone_name(key),
                 "fit_seconds": seconds,
                 "training": how,
                 "n_train": int(len(train_rows)),
             }
-            path = out / f"{name}.joblib"
+            path = head_file(out, name)
             save_head(path, est, record)
             records.append(record)
             chosen = ", ".join(f"{k}={v}" for k, v in record["chosen"].items())

@@ -20,6 +20,17 @@ def test_extract_split_fit_compare_from_python(tmp_path):
     assert set(results["heads"]) == {LOGREG, MLP} and paths["md"].exists()
     counts = featkit.split(cache, test_size=4, val_size=2)
     assert counts["test"] == {"Paris": 4, "Tokyo": 4}
+    # the MLP's parameters as the exported MLPOptions: every field of it reaches the head
+    mlp = featkit.MLPOptions(max_iter=3, hidden_layer_sizes=(16,), dropout=0.25)
+    [record] = featkit.fit(cache, head=MLP, mlp=mlp, progress=False, log=lambda m: None)
+    assert {k: record["params"][k] for k in ("max_iter", "dropout", "n_iter_no_change")} == {"max_iter": 3, "dropout": 0.25, "n_iter_no_change": 7}
+    assert tuple(record["params"]["hidden_layer_sizes"]) == (16,)
+    with pytest.raises(featkit.FeatkitError, match="not both") as e:
+        featkit.fit(cache, head=MLP, mlp=mlp, params={MLP: {"max_iter": 4}})
+    assert e.value.param == "mlp"  # the parameter of fit, not the head
+    with pytest.raises(featkit.FeatkitError, match="MLPOptions") as e:
+        featkit.fit(cache, head=MLP, mlp={"max_iter": 4})
+    assert e.value.param == "mlp"  # the parameter of fit, not the head
 
 
 def test_unknown_option_is_refused_with_the_choices(tmp_path):

@@ -15,7 +15,7 @@ import featkit
 from conftest import FAST, LOGREG, MLP, fitted_cache
 from featkit.cli import app
 from featkit.errors import FeatkitError
-from featkit.options import DownloadOptions, ExtractOptions, MLPOptions, PredictOptions
+from featkit.options import DownloadOptions, ExtractOptions, FetchOptions, FitOptions, MLPOptions, PredictOptions, SplitOptions
 from featkit.validate import ensure_writable_dir, max_workers
 
 
@@ -67,7 +67,8 @@ CASES = [
     (["extract", "{photos}", "--cache", "{cache}", *FAST, "--image-size", "16"], "--image-size"),
     (["extract", "{photos}", "--cache", "{cache}", *FAST, "--image-size", "4096"], "--image-size"),  # 16.8 M pixels
     (["extract", "{photos}", "--cache", "{cache}", *FAST, "--image-size", "100"], "--image-size"),  # VGG16: multiples of 32
-    (["extract", "{photos}", "--cache", "{cache}", *FAST, "--seed", "-1"], "--seed"),
+    (["extract", "{photos}", "--cache", "{cache}", *FAST, "--split-seed", "-1"], "--split-seed"),
+    (["extract", "{photos}", "--cache", "{cache}", *FAST, "--weights-seed", "-1"], "--weights-seed"),
     (["extract", "{photos}", "--cache", "{cache}", *FAST, "--dtype", "float8"], "--dtype"),
     (["extract", "{photos}", "--cache", "{cache}", *FAST, "--decode", "sometimes"], "--decode"),
     (["extract", "{photos}", "--cache", "{cache}", *FAST, "--device", "tpu"], "--device"),
@@ -82,7 +83,8 @@ CASES = [
     # split
     (["split", "--cache", "{cache}", "--test-size", "nan"], "--test-size"),
     (["split", "--cache", "{cache}", "--val-size", "-0.5"], "--val-size"),
-    (["split", "--cache", "{cache}", "--seed", "-1"], "--seed"),
+    (["split", "--cache", "{cache}", "--seed", "-1"], "--seed"),  # the old name of --split-seed
+    (["split", "--cache", "{cache}", "--split-seed", "-1"], "--split-seed"),
     (["split", "--cache", NEW], "--cache"),
     # fit: a failed or nonsensical fit never replaces a good head
     (["fit", "--cache", "{cache}", "--lr", "nan"], "--lr"),
@@ -199,7 +201,17 @@ def _raises(param: str, fn, *args, **kwargs) -> FeatkitError:
     [
         (ExtractOptions, {"batch_size": 0}, "batch_size"),
         (ExtractOptions, {"workers": 10**6}, "workers"),
-        (ExtractOptions, {"seed": -1}, "seed"),
+        (ExtractOptions, {"split_seed": -1}, "split_seed"),
+        (ExtractOptions, {"weights_seed": 2**40}, "weights_seed"),
+        (SplitOptions, {"split_seed": -1}, "split_seed"),
+        (SplitOptions, {"test_size": math.inf}, "test_size"),
+        (FitOptions, {"stream": "maybe"}, "stream"),
+        (FitOptions, {"block_rows": 0}, "block_rows"),
+        (FitOptions, {"seed": -1}, "seed"),
+        (FetchOptions, {"max_retries": -1}, "max_retries"),
+        (FetchOptions, {"timeout_s": 0}, "timeout_s"),
+        (FetchOptions, {"per_page": 501}, "per_page"),
+        (FetchOptions, {"result_cap": 10}, "result_cap"),
         (ExtractOptions, {"test_size": math.nan}, "test_size"),
         (ExtractOptions, {"val_size": -0.1}, "val_size"),
         (MLPOptions, {"dropout": 1.0}, "dropout"),

@@ -103,7 +103,7 @@ def test_cache_built_with_another_backbone_is_refused(runner, photos, tmp_path):
     assert run(runner, "extract", photos, "--cache", cache, *FAST).exit_code == 0
     r = run(runner, "extract", photos, "--cache", cache, *FAST[:-2], "--batch-size", "8", "--image-size", "64")
     assert_clean_failure(r, "image_size", "--overwrite")  # same backbone file, another input size
-    r = run(runner, "extract", photos, "--cache", cache, *FAST, "--seed", "1")  # other random weights
+    r = run(runner, "extract", photos, "--cache", cache, *FAST, "--weights-seed", "1")  # other random weights
     assert_clean_failure(r, "weights_sha256")
     # another pooling is another backbone: its own file beside the first, the first untouched
     before = (cache / "features.h5").read_bytes()
@@ -178,3 +178,21 @@ def test_cuda_without_gpu(runner, photos):
 def test_bad_test_size_for_small_city(runner, photos, tmp_path):
     r = run(runner, "extract", photos, "--cache", tmp_path / "c", *FAST, "--test-size", "500")
     assert_clean_failure(r, "leave none for training", "--test-size 0.2")
+
+
+@pytest.mark.parametrize(
+    "command,says",
+    [
+        ("extract", ("--split-seed", "--weights-seed", "Seed of --weights random")),
+        ("split", ("--split-seed", "--seed", "Seed of the new splits")),
+        ("fit", ("--seed", "Seed of the heads' training")),
+        ("predict", ("--weights-seed", "Seed of 'random' weights")),
+        ("demo", ("--seed", "Seed of everything the demo draws")),
+    ],
+)
+def test_each_seed_says_what_it_seeds(runner, command, says):
+    out = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"}).output.split())
+    out = out.replace("│", " ")
+    out = " ".join(out.split())
+    for text in says:
+        assert text in out, (command, text)

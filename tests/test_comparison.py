@@ -27,9 +27,9 @@ def test_compare_json_keeps_its_keys_and_the_api_returns_the_typed_result(tmp_pa
     r = runner.invoke(app, ["compare", "--cache", str(cache), "--reports", str(tmp_path / "reports"), "--no-leaks"])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "reports" / "compare.json").read_text())
-    assert list(data) == TOP_KEYS + ["run_id"] and list(data["ranking"]) == RANKING_KEYS  # run_id: an addition
+    assert list(data) == TOP_KEYS + ["backbone_names", "run_id"] and list(data["ranking"]) == RANKING_KEYS  # run_id: an addition
     for h in data["heads"].values():
-        assert list(h) == HEAD_KEYS
+        assert list(h) == HEAD_KEYS + ["name", "backbone_name"]  # additions: the user's spelling
     results, _ = featkit.compare(cache, tmp_path / "again", leaks=False)
     assert isinstance(results, Comparison) and all(isinstance(h, HeadResult) for h in results.heads.values())
     assert results.best == data["ranking"]["ranking"][0] and results.heads[results.best].accuracy == data["heads"][results.best]["accuracy"]
@@ -39,9 +39,9 @@ def test_compare_json_keeps_its_keys_and_the_api_returns_the_typed_result(tmp_pa
 def test_head_result_keeps_figures_it_does_not_know_and_leaves_out_unknown_geo():
     metrics = {k: 0 for k in METRIC_KEYS} | {"brier": 0.1}
     h = HeadResult.from_metrics(metrics, head="x", backbone="vgg16")
-    assert h.extra == {"brier": 0.1} and list(h.to_dict()) == METRIC_KEYS + ["brier"] + RECORD_KEYS
+    assert h.extra == {"brier": 0.1} and list(h.to_dict()) == METRIC_KEYS + ["brier"] + RECORD_KEYS + ["name", "backbone_name"]
     h.geo = {"mean_km": np.float64(1.0)}
-    assert list(h.to_dict())[-1] == "geo"
+    assert list(h.to_dict())[-3] == "geo"
 
 
 def test_the_result_type_is_light():

@@ -158,3 +158,76 @@ def test_one_extract_reads_the_sibling_caches_once_and_resolves_the_device_once(
     assert s.n_extracted == 30
     assert calls == {"shared_splits": 1, "resolve_device": 1}
     assert _splits(cache_file(copy, "vgg16-avg")) == _splits(cache_file(copy))  # and the read split was the one used
+
+
+def test_a_backbone_is_spelt_as_extract_takes_it_everywhere(two_backbones, tmp_path, runner):
+    photos, cache, _ = two_backbones
+    other = tmp_path / "cache"
+    shutil.copytree(cache, other)
+
+    def cli(*args):
+        return runner.invoke(app, [*map(str, args), "--cache", str(other)])
+
+    r = cli("fit", "--head", LOGREG, "--backbone", SECOND, "--no-progress")  # the spelling extract takes
+    assert r.exit_code == 0 and "1 head(s) fitted" in r.output, r.output
+    r = cli("fit", "--head", LOGREG, "--no-progress")
+    assert r.exit_code == 0 and f"\n{SECOND}/{LOGREG}: val accuracy" in r.output and f"{SECOND_KEY}/{LOGREG}:" not in r.output, r.output
+    r = cli("fit", "--backbone", "resnet50")
+    assert r.exit_code == 2 and f"it holds: vgg16, {SECOND}" in r.output, r.output
+    assert cli("verify", "--backbone", SECOND).exit_code == 0
+    assert cli("verify", "--backbone", SECOND_KEY).exit_code == 0  # the old spelling still works
+    photo = sorted((photos / "Paris").glob("*.jpg"))[0]
+    r = runner.invoke(app, ["predict", str(photo), "--head", f"{SECOND}/{LOGREG}", "--cache", str(other)])
+    assert r.exit_code == 0 and f"head {SECOND}/{LOGREG}" in r.output, r.output
+    old = runner.invoke(app, ["predict", str(photo), "--head", f"{SECOND_KEY}/{LOGREG}", "--cache", str(other)])
+    assert old.exit_code == 0 and old.stdout == r.stdout, old.output
+    r = runner.invoke(app, ["predict", str(photo), "--head", f"resnet50/{LOGREG}", "--cache", str(other)])
+    assert r.exit_code == 2 and f"fitted: vgg16/{LOGREG}, {SECOND}/{LOGREG}" in r.output, r.output
+    r = runner.invoke(app, ["compare", "--cache", str(other), "--reports", str(tmp_path / "r"), "--no-leaks"])
+    assert r.exit_code == 0 and f"{SECOND}/{LOGREG} " in r.output and f"{SECOND_KEY}/{LOGREG}" not in r.output, r.output
+    data = json.loads((tmp_path / "r" / "compare.json").read_text())
+    assert set(data["heads"]) == {f"vgg16/{LOGREG}", f"{SECOND_KEY}/{LOGREG}"}  # compare.json's keys stay the file keys
+    assert data["heads"][f"{SECOND_KEY}/{LOGREG}"]["name"] == f"{SECOND}/{LOGREG}"
+    assert data["heads"][f"{SECOND_KEY}/{LOGREG}"]["backbone_name"] == SECOND
+    assert data["backbone_names"] == {"vgg16": "vgg16", SECOND_KEY: SECOND}
+
+
+def test_weights_seed_and_split_seed_block_neither(two_backbones, tmp_path):
+    """Another random-weights backbone with its own weights seed joins the cache's split; a re-split with a new
+    split seed leaves every backbone's weights as they were, and later extractions follow the new split seed."""
+    photos, cache, _ = two_backbones
+    other = tmp_path / "cache"
+    shutil.copytree(cache, other)
+    third = dict(backbone="resnet18", image_size=32, **QUICK)
+    s = featkit.extract(photos, other, weights_seed=5, **third)  # split seed 0, as recorded: not refused
+    assert s.n_extracted == 30
+    with FeatureStore.open(cache_file(other, "resnet18")) as store:
+        assert store.provenance["weights_seed"] == 5 and store.split_protocol["seed"] == 0
+    assert _splits(cache_file(other, "resnet18")) == _splits(cache_file(other))
+    before = _splits(cache_file(other))
+    featkit.split(other, split_seed=7, test_size=3, val_size=2)
+    for key in backbone_keys(other):
+        with FeatureStore.open(cache_file(other, key)) as store:
+            assert store.split_protocol == {"seed": 7, "test_size": 3, "val_size": 2}
+    assert _splits(cache_file(other)) != before and _splits(cache_file(other, "resnet18")) == _splits(cache_file(other))
+    assert featkit.extract(photos, other, weights_seed=5, split_seed=7, **third).n_extracted == 0  # same weights, new split
+    with pytest.raises(featkit.FeatkitError, match=r"split_seed=7 .*--split-seed"):
+        featkit.extract(photos, other, weights_seed=5, **third)
+    # the head on those weights predicts with them, rebuilt from the recorded weights seed (not the split's)
+    featkit.fit(other, head=LOGREG, progress=False, log=lambda m: None)
+    preds = featkit.predict(sorted((photos / "Tokyo").glob("*.jpg"))[:2], other, head=f"resnet18/{LOGREG}")
+    assert all(p.error is None for p in preds)
+
+
+def test_a_cache_recording_one_seed_is_read_as_its_split_seed(tmp_path):
+    """A cache from before the seeds were separate recorded ``seed`` in its split protocol: that is its split seed."""
+    photos = make_photos(tmp_path / "photos", cities=("Paris", "Tokyo"), n=8)
+    cache = tmp_path / "cache"
+    featkit.extract(photos, cache, image_size=32, **QUICK)
+    with FeatureStore.open(cache_file(cache), writable=True) as store:
+        store.record_split_protocol({"seed": 4, "test_size": 3, "val_size": 2})  # what a cache made with --seed 4 holds
+    with pytest.raises(featkit.FeatkitError, match=r"split_seed=4"):
+        featkit.extract(photos, cache, image_size=32, **QUICK)
+    assert featkit.extract(photos, cache, image_size=32, split_seed=4, **QUICK).n_extracted == 0
+    featkit.extract(photos, cache, backbone="resnet18", image_size=32, split_seed=4, weights_seed=9, **QUICK)  # beside it
+    assert backbone_keys(cache) == ["vgg16", "resnet18"]

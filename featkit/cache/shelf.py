@@ -23,6 +23,7 @@ from featkit.atomic import atomic_path, atomic_write
 from featkit.cache.lock import Lock
 from featkit.cache.names import HEAD_SUFFIX, HEADS_MANIFEST, backbone_keys, head_file, heads_dir
 from featkit.errors import FeatkitError, UntrustedHeadWarning
+from featkit.naming import head_key, head_name
 
 
 def _sha256(path) -> str:
@@ -131,23 +132,23 @@ def fitted_heads(cache_dir: str | Path) -> dict[str, tuple[str, Path]]:
 
 def choose_head(cache_dir: str | Path, head: str | None = None) -> tuple[str, str, Path, object, dict]:
     """``(name, backbone key, file, estimator, record)`` of the named head (``mlp``, or ``<backbone>/mlp``
-    when the cache holds several backbones), or with ``head=None`` of the one with the best validation
-    accuracy (its record's ``val_score``; the first by name on a tie)."""
+    when the cache holds several backbones, the backbone spelt as extract takes it, ``timm:NAME/mlp``, or
+    by its file key, ``timm-NAME/mlp``), or with ``head=None`` of the one with the best validation
+    accuracy (its record's ``val_score``; the first listed on a tie). The name returned is the user's spelling."""
     heads = fitted_heads(cache_dir)
     if not heads:
         raise FeatkitError(f"no fitted heads in {heads_dir(cache_dir)}; run `featkit fit` first (and `featkit extract` before it)")
     if head is not None:
-        if head not in heads:
-            raise FeatkitError(f"no fitted head {head!r} in {heads_dir(cache_dir)}; fitted: {', '.join(heads)}", param="head")
-        key, path = heads[head]
-        return (head, key, path, *load_head(path))
+        if not isinstance(head, str) or head_key(head) not in heads:
+            fitted = ", ".join(head_name(h) for h in heads)
+            raise FeatkitError(f"no fitted head {head!r} in {heads_dir(cache_dir)}; fitted: {fitted}", param="head")
+        key, path = heads[head_key(head)]
+        return (head_name(head_key(head)), key, path, *load_head(path))
     best = None
     for name, (key, path) in heads.items():
         est, rec = load_head(path)
         score = rec.get("val_score")
         score = float("-inf") if score is None else float(score)
         if best is None or score > best[0]:
-            best = (score, name, key, path, est, rec)
+            best = (score, head_name(name), key, path, est, rec)
     return best[1:]
-
-

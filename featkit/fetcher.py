@@ -1,0 +1,141 @@
+"""One photo of a search result on its way to disk, for :mod:`featkit.collect`: its manifest row
+(:func:`photo_row`), and the download of its image to a temporary file beside its final path
+(:class:`ImageFetcher`, run in worker threads), checked before it is kept: a complete answer, an image
+that decodes, at least ``min_size`` pixels on its shorter side."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from featkit.cache.names import image_file
+from featkit.flickr import RETRY_STATUSES, backoff_delay, gave_up, retrying_session, tries_made
+from featkit.images import decoded_size
+from featkit.journal import TMP_SUFFIX
+
+DATE_TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+
+
+@dataclass
+class Candidate:
+    photo_id: str
+    city: str
+    row: dict[str, str]
+
+
+@dataclass
+class Fetched:
+    candidate: Candidate
+    data: bytes | None = None   # None: reused file already on disk
+    error: str | None = None
+    permanent: bool = True
+    tmp: Path | None = None
+
+
+def photo_row(photo: dict, city: str, image_url: str) -> dict[str, str]:
+    lat, lon = str(photo.get("latitude") or ""), str(photo.get("longitude") or "")
+    try:
+        has_geo = float(lat) != 0.0 or float(lon) != 0.0
+    except ValueError:
+        has_geo = False
+    date = str(photo.get("datetaken") or "")
+    return {
+        "photo_id": str(photo["id"]),
+        "city": city,
+        "path": f"images/{city}/{photo['id']}.jpg",
+        "owner": clean_text(photo.get("owner")),
+        "license": clean_text(photo.get("license")),
+        "latitude": lat if has_geo else "",
+        "longitude": lon if has_geo else "",
+        "date_taken": date if DATE_TAKEN.match(date) else "",
+        "url": image_url,
+        "title": clean_text(photo.get("title"))[:300],
+        "sha256": "",
+    }
+
+
+def clean_text(value: object) -> str:
+    return " ".join(str(value if value is not None else "").split())
+
+
+def image_path(out_dir: Path, city: str, pid: str) -> Path:
+    return image_file(out_dir, city, pid)
+
+
+class ImageFetcher:
+    """Downloads one candidate's image to a temporary file beside its final path (worker threads).
+
+    Transport failures are retried by urllib3 (:func:`featkit.flickr.retrying_session`,
+    one session per thread); a body cut after the headers, which urllib3 cannot
+    see, by the loop here.
+    """
+
+    def __init__(self, out_dir: Path, *, min_size: int, max_retries: int, timeout_s: float, backoff_s: float,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.out_dir, self.min_size = out_dir, min_size
+        self.max_retries, self.timeout_s, self.backoff_s = max_retries, timeout_s, backoff_s
+        self._sleep = sleep
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = retrying_session(self.max_retries, self.backoff_s)
+        return s
+
+    def fetch(self, cand: Candidate) -> Fetched:
+        """A temporary file with the checked bytes, the final file to reuse, or why not."""
+        final = image_path(self.out_dir, cand.city, cand.photo_id)
+        if final.is_file():  # renamed before a crash, never journaled: adopt it
+            return Fetched(cand, data=None)
+        failed = f"download failed after {self.max_retries + 1} tries"
+        why = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self._session().get(cand.row["url"], timeout=self.timeout_s)
+            except requests.RequestException as e:
+                why = f"connection error ({type(e).__name__})"
+                if not isinstance(e, (requests.ConnectionError, requests.Timeout,
+                                      requests.exceptions.ChunkedEncodingError,
+                                      requests.exceptions.ContentDecodingError)):
+                    return Fetched(cand, error=f"request failed ({type(e).__name__})")
+                if gave_up(e):  # urllib3 already spent the retries
+                    return Fetched(cand, error=f"{failed} ({why})", permanent=False)
+            else:
+                if r.status_code in RETRY_STATUSES:  # urllib3 gave up on it
+                    return Fetched(cand, error=f"download failed after {tries_made(r)} tries "
+                                                f"(HTTP {r.status_code})", permanent=False)
+                return self._accept(cand, r, final)
+            if attempt < self.max_retries:
+                self._sleep(backoff_delay(attempt, self.backoff_s))
+        return Fetched(cand, error=f"{failed} ({why})", permanent=False)
+
+    def _accept(self, cand: Candidate, r: requests.Response, final: Path) -> Fetched:
+        """Check a complete response; write an acceptable image to a temporary file."""
+        if r.status_code != 200:
+            return Fetched(cand, error=f"HTTP {r.status_code}")
+        if "photo_unavailable" in r.url:
+            return Fetched(cand, error="photo unavailable")
+        ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype.startswith("text/"):
+            return Fetched(cand, error=f"not an image ({ctype})")
+        data = r.content
+        try:
+            w, h = decoded_size(data)
+        except ValueError:
+            return Fetched(cand, error="not a decodable image")
+        if min(w, h) < self.min_size:
+            return Fetched(cand, error=f"smaller than --min-size {self.min_size}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+        tmp.write_bytes(data)
+        return Fetched(cand, data=data, tmp=tmp)
+
+
