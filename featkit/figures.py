@@ -18,6 +18,11 @@ THUMB_QUALITY = 70
 
 
 LABEL_CHARS = 32  # longer labels are cut, so a long folder name cannot squeeze the plot away
+# Figures that scale with the number of places are capped, so a report on 1,000 places stays small and fast:
+CELL_TEXT_PLACES = 25  # counts written in the confusion matrix's cells up to this many places
+TICK_LABEL_PLACES = 60  # place names on its axes up to this many
+MAX_FIGURE_INCHES = 14.0  # at 100 dpi: 1,400 px a side, whatever the number of places
+BAR_PLACES = 40  # one bar per place and head up to this many; past it, each head's accuracies sorted
 
 
 def plain(text: str, limit: int | None = None) -> str:
@@ -54,16 +59,18 @@ def confusion_png(confusion, cities: list[str], title: str) -> bytes:
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     n = len(cities)
     labels = [plain(c, LABEL_CHARS) for c in cities]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n), dpi=100)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted city")
+    fig, ax = plt.subplots(figsize=(min(1.0 + 0.7 * n, MAX_FIGURE_INCHES), min(0.8 + 0.6 * n, MAX_FIGURE_INCHES)), dpi=100)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if n <= TICK_LABEL_PLACES:
+        ax.set_xticks(range(n), labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted city" + ("" if n <= TICK_LABEL_PLACES else f" ({n} places, in the report's order)"))
     ax.set_ylabel("true city")
     ax.set_title(plain(title))
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
+    if n <= CELL_TEXT_PLACES:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
     return _png(fig)
 
 
@@ -72,6 +79,8 @@ def accuracy_bars_png(cities: list[str], heads: dict, study: dict[str, float] | 
     plt = _pyplot()
     names = list(heads)
     n, k = len(cities), max(len(names), 1)
+    if n > BAR_PLACES:
+        return _sorted_accuracy_png(cities, heads)
     width = 0.8 / k
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n + 2), 3.6), dpi=100)
     x = np.arange(n)
@@ -88,6 +97,21 @@ def accuracy_bars_png(cities: list[str], heads: dict, study: dict[str, float] | 
     ax.set_ylabel("test accuracy (95% CI)")
     ax.legend(fontsize=8, ncol=min(k + 1, 4))
     ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def _sorted_accuracy_png(cities: list[str], heads: dict) -> bytes:
+    """Many places: each head's per-place accuracies, sorted, as one line (a bar per place would not fit)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.0, 3.6), dpi=100)
+    for h in heads:
+        acc = np.sort(np.array([heads[h]["per_city"][c] for c in cities], dtype=float))[::-1]
+        ax.plot(np.arange(1, len(acc) + 1), acc, drawstyle="steps-post", label=plain(h))
+    ax.set_xlabel(f"places, from best to worst ({len(cities)}; the tables give each)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     return _png(fig)
 
 

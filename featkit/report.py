@@ -254,13 +254,21 @@ def _png_name(head: str) -> str:
     return f"confusion_{safe}.png"
 
 
+GALLERY_PLACES = 30  # past this many places, galleries for the ones the head does worst on (a page stays a few MB)
+
+
 def galleries(results: Comparison | dict, head: str, k: int = 4) -> list[dict]:
-    """Per city: the ``k`` most confident right answers and the ``k`` most confident wrong ones of ``head``."""
+    """Per city: the ``k`` most confident right answers and the ``k`` most confident wrong ones of ``head``
+    (for at most :data:`GALLERY_PLACES` places: those where ``head`` is least accurate, then by name)."""
     results = as_dict(results)
     cities, m, photos = results["cities"], results["heads"][head], results.get("test_photos", [])
+    shown = cities if len(cities) <= GALLERY_PLACES else sorted(cities, key=lambda c: (m["per_city"][c], c))[:GALLERY_PLACES]
+    by_city: dict[str, list[int]] = {}
+    for i, p in enumerate(photos):
+        by_city.setdefault(p["city"], []).append(i)
     out = []
-    for ci, city in enumerate(cities):
-        mine = [i for i, p in enumerate(photos) if p["city"] == city]
+    for city in shown:
+        mine = list(by_city.get(city, []))
         mine.sort(key=lambda i: (-m["confidence"][i], photos[i]["path"]))
         right = [i for i in mine if m["correct"][i]][:k]
         wrong = [i for i in mine if not m["correct"][i]][:k]
