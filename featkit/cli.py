@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from featkit.errors import FeatkitError, PhotoSourceWarning, UntrustedHeadWarning
-from featkit.escape import json_printable, printable
+from featkit.escape import json_printable, printable, without_credentials
 from featkit.options import BACKBONE, DEMO, DOWNLOAD, ENDPOINT_ENV, EXTRACT, FIT, MLP, PREDICT, SPLIT
 
 
@@ -91,7 +91,7 @@ def option_for(command, param: str) -> str | None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {printable(message)}", err=True)  # messages quote file and place names: outside text
+    typer.echo(f"error: {printable(without_credentials(message))}", err=True)  # messages quote names and URLs: outside text
     raise typer.Exit(code)
 
 

@@ -122,6 +122,8 @@ def download_photos(
     per_page: int = FETCH.per_page,
     result_cap: int = FETCH.result_cap,
     near_dup_bits: int = FETCH.near_dup_bits,
+    max_image_bytes: int = FETCH.max_image_bytes,
+    deadline_s: float = FETCH.deadline_s,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DownloadSummary:
@@ -140,7 +142,7 @@ def download_photos(
     """
     DownloadOptions(per_city=per_city, query_template=query_template, min_size=min_size, min_interval_s=min_interval_s, workers=workers)
     FetchOptions(max_retries=max_retries, timeout_s=timeout_s, backoff_s=backoff_s, per_page=per_page, result_cap=result_cap,
-                 near_dup_bits=near_dup_bits)
+                 near_dup_bits=near_dup_bits, max_image_bytes=max_image_bytes, deadline_s=deadline_s)
     _check_cities(cities)
     license_ids = resolve_license(license)
     endpoint = _resolve_endpoint(endpoint)
@@ -150,7 +152,7 @@ def download_photos(
         client = FlickrClient(api_key, api_secret, endpoint, min_interval_s=min_interval_s,
                               max_retries=max_retries, timeout_s=timeout_s, backoff_s=backoff_s, log=say)
         fetcher = ImageFetcher(out_dir, min_size=min_size, max_retries=max_retries, timeout_s=timeout_s,
-                                backoff_s=backoff_s)
+                                backoff_s=backoff_s, max_bytes=max_image_bytes, deadline_s=deadline_s)
         run = _Run(cities, out_dir, per_city, client, fetcher, query_template=query_template,
                    license_ids=license_ids, has_geo=has_geo, workers=workers, per_page=per_page,
                    result_cap=result_cap, near_dup_bits=near_dup_bits, say=say)

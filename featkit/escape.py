@@ -48,3 +48,11 @@ def json_printable(line: str) -> str:
     """A JSON text (``ensure_ascii=False``, which escapes C0 controls itself) with C1 controls and bidi
     overrides written as JSON's own ``\\uNNNN``: still valid JSON, and inert on a terminal."""
     return _CONTROL_OR_NEWLINE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", line)
+
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#@\s]+@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the user and password of every URL in it (``https://user:PASS@host/``) written ``***@``."""
+    return _URL_CREDENTIALS.sub("***@", str(text))

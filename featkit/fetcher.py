@@ -15,10 +15,11 @@ from pathlib import Path
 
 import requests
 
-from featkit.cache.names import image_file
-from featkit.flickr import RETRY_STATUSES, backoff_delay, gave_up, retrying_session, tries_made
+from featkit.cache.names import IMAGES_DIR, image_file
+from featkit.flickr import RETRY_STATUSES, BodyTooLarge, backoff_delay, gave_up, retrying_session, tries_made
 from featkit.images import decoded_size
 from featkit.journal import TMP_SUFFIX
+from featkit.options import FETCH
 
 DATE_TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 
@@ -49,7 +50,7 @@ def photo_row(photo: dict, city: str, image_url: str) -> dict[str, str]:
     return {
         "photo_id": str(photo["id"]),
         "city": city,
-        "path": f"images/{city}/{photo['id']}.jpg",
+        "path": f"{IMAGES_DIR}/{city}/{photo['id']}.jpg",
         "owner": clean_text(photo.get("owner")),
         "license": clean_text(photo.get("license")),
         "latitude": lat if has_geo else "",
@@ -69,6 +70,33 @@ def image_path(out_dir: Path, city: str, pid: str) -> Path:
     return image_file(out_dir, city, pid)
 
 
+def jpeg_to_end(data: bytes) -> bytes:
+    """A JPEG up to its end-of-image marker (anything after it dropped: junk a server or an attacker appended);
+    any other format as it is. The markers are walked, so an FFD9 inside a segment or a thumbnail is not
+    taken for the end; a JPEG whose walk fails is left whole for the decoder to judge."""
+    if not data.startswith(b"\xff\xd8"):
+        return data
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return data
+        marker = data[i + 1]
+        if marker == 0xD9:
+            return data[: i + 2]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # stand-alone markers
+            i += 2
+            continue
+        seg = int.from_bytes(data[i + 2 : i + 4], "big")
+        i += 2 + seg
+        if marker == 0xDA:  # start of scan: entropy-coded data until a marker that is not a restart or a stuffed byte
+            while i + 1 < n and not (data[i] == 0xFF and data[i + 1] not in (0x00, *range(0xD0, 0xD8))):
+                i += 1
+    return data
+
+
 class ImageFetcher:
     """Downloads one candidate's image to a temporary file beside its final path (worker threads).
 
@@ -78,8 +106,10 @@ class ImageFetcher:
     """
 
     def __init__(self, out_dir: Path, *, min_size: int, max_retries: int, timeout_s: float, backoff_s: float,
+                 max_bytes: int = FETCH.max_image_bytes, deadline_s: float = FETCH.deadline_s,
                  sleep: Callable[[float], None] = time.sleep):
         self.out_dir, self.min_size = out_dir, min_size
+        self.max_bytes, self.deadline_s = max_bytes, deadline_s
         self.max_retries, self.timeout_s, self.backoff_s = max_retries, timeout_s, backoff_s
         self._sleep = sleep
         self._local = threading.local()
@@ -87,7 +117,7 @@ class ImageFetcher:
     def _session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
-            s = self._local.session = retrying_session(self.max_retries, self.backoff_s)
+            s = self._local.session = retrying_session(self.max_retries, self.backoff_s, max_bytes=self.max_bytes, deadline_s=self.deadline_s)
         return s
 
     def fetch(self, cand: Candidate) -> Fetched:
@@ -100,6 +130,8 @@ class ImageFetcher:
         for attempt in range(self.max_retries + 1):
             try:
                 r = self._session().get(cand.row["url"], timeout=self.timeout_s)
+            except BodyTooLarge as e:
+                return Fetched(cand, error=str(e))
             except requests.RequestException as e:
                 why = f"connection error ({type(e).__name__})"
                 if not isinstance(e, (requests.ConnectionError, requests.Timeout,
@@ -126,7 +158,7 @@ class ImageFetcher:
         ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype.startswith("text/"):
             return Fetched(cand, error=f"not an image ({ctype})")
-        data = r.content
+        data = jpeg_to_end(r.content)
         try:
             w, h = decoded_size(data)
         except ValueError:

@@ -15,6 +15,8 @@ windows, halved until each holds no more than that.
 
 from __future__ import annotations
 
+import re
+
 import datetime as dt
 import math
 import os
@@ -30,6 +32,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError
 from urllib3.util import Retry
 
+from featkit.escape import without_credentials
 from featkit.errors import FeatkitError
 from featkit.options import DOWNLOAD, ENDPOINT_ENV, FETCH
 
@@ -105,11 +108,12 @@ def resolve_license(license: str | None) -> str | None:
 
 
 def redact(text: str, secrets: Collection[str]) -> str:
-    """``text`` with every non-empty string of ``secrets`` replaced by ``***``."""
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
+    """``text`` with every non-empty string of ``secrets`` replaced by ``***`` where it stands as a whole token
+    (not inside a longer word: a short key must not garble the message around it), and the credentials of
+    any URL in it (``user:PASS@``) too."""
+    for s in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = re.sub(r"(?<![A-Za-z0-9])" + re.escape(s) + r"(?![A-Za-z0-9])", "***", text)
+    return without_credentials(text)
 
 
 # --------------------------------------------------------------------------- transport
@@ -122,8 +126,41 @@ class _CappedRetry(Retry):
         return None if seconds is None else min(seconds, self.backoff_max)
 
 
-def retrying_session(max_retries: int, backoff_s: float,
-                     methods: Collection[str] = ("GET",)) -> requests.Session:
+class BodyTooLarge(requests.RequestException):
+    """An answer whose body (decoded) passed the bound its session sets: refused, never read whole."""
+
+
+class BoundedAdapter(HTTPAdapter):
+    """urllib3's transport with every answer's body read a socket read at a time, decoded (gzip included)
+    as it comes: refused (:class:`BodyTooLarge`) past ``max_bytes`` and abandoned (``ReadTimeout``) when
+    the whole request takes longer than ``deadline_s``, however slowly the bytes trickle in (a per-read
+    timeout alone lets a slow drip hang a download for ever)."""
+
+    def __init__(self, *args, max_bytes: int, deadline_s: float, **kwargs):
+        self.max_bytes, self.deadline_s = max_bytes, deadline_s
+        super().__init__(*args, **kwargs)
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):  # type: ignore[override]
+        stop = time.monotonic() + self.deadline_s
+        response = super().send(request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+        body = bytearray()
+        try:
+            while chunk := response.raw.read1(1 << 16, decode_content=True):
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise BodyTooLarge(f"an answer larger than {self.max_bytes:,} bytes", response=response)
+                if time.monotonic() > stop:
+                    raise requests.exceptions.ReadTimeout(f"an answer that took longer than {self.deadline_s:g} s", response=response)
+        except BaseException:
+            response.close()
+            raise
+        response._content, response._content_consumed = bytes(body), True  # what requests does after a non-streamed read
+        response.close()
+        return response
+
+
+def retrying_session(max_retries: int, backoff_s: float, methods: Collection[str] = ("GET",), *,
+                     max_bytes: int = FETCH.max_image_bytes, deadline_s: float = FETCH.deadline_s) -> requests.Session:
     """A requests session whose transport retries transient failures ``max_retries`` times.
 
     Retried: HTTP 429/500/502/503/504 and connect/read errors, for ``methods``
@@ -139,7 +176,7 @@ def retrying_session(max_retries: int, backoff_s: float,
                          backoff_factor=backoff_s, backoff_jitter=backoff_s, backoff_max=MAX_WAIT_S,
                          respect_retry_after_header=True, raise_on_status=False)
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
+    adapter = BoundedAdapter(max_retries=retry, max_bytes=max_bytes, deadline_s=deadline_s)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -223,7 +260,8 @@ class FlickrClient:
 
     @property
     def endpoint(self) -> str:
-        return self._flickr.REST_URL
+        """The REST URL, as messages show it (a user and password in it written ``***``)."""
+        return without_credentials(self._flickr.REST_URL)
 
     def _keep_response(self, response: requests.Response, *args, **kwargs) -> None:
         # Called once per final response (after urllib3's retries): flickrapi raises a

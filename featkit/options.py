@@ -216,6 +216,8 @@ class FetchOptions:
     per_page: int = 500  # Flickr's largest page
     result_cap: int = FLICKR_RESULT_CAP  # a date window with more results is halved
     near_dup_bits: int = 6  # dHash bits within which two photos are near-duplicates
+    max_image_bytes: int = 20_000_000  # an image's body, decoded (gzip included), is refused past this
+    deadline_s: float = 120.0  # an image download is abandoned past this, however the bytes trickle in
 
     def __post_init__(self) -> None:
         check_int("max_retries", self.max_retries, low=0, high=100)
@@ -224,6 +226,8 @@ class FetchOptions:
         check_int("per_page", self.per_page, low=1, high=500)
         check_int("result_cap", self.result_cap, low=self.per_page, why=" (at least per_page)")
         check_int("near_dup_bits", self.near_dup_bits, low=0, high=64)
+        check_int("max_image_bytes", self.max_image_bytes, low=1024)
+        check_float("deadline_s", self.deadline_s, low=0, low_open=True, high=86_400.0)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import functools
 import datetime as dt
 import hashlib
 import hmac
 import json
 import math
+import os
 import random
 import sys
 import threading
@@ -41,7 +43,9 @@ from featkit import photogen
 API_FAULTS = ("429", "429-retry-after", "500", "502", "503", "hang", "reset", "malformed-json",
               "stat-fail-105")
 IMAGE_FAULTS = ("429", "500", "502", "503", "hang", "reset", "truncated", "truncated-jpeg", "garbage", "html",
-                "404", "unavailable")
+                "404", "unavailable", "gzip-bomb", "trailing-junk", "slow-drip")
+GZIP_BOMB_BYTES = 256 << 20  # what a gzip-bomb answer inflates to (it is about 0.25 MB on the wire)
+JUNK_BYTES = 4 << 20  # what a trailing-junk answer appends to the photo
 # What a client may retry: the same request can succeed next time.
 TRANSIENT_API_FAULTS = ("429", "500", "502", "503", "hang", "reset", "malformed-json", "stat-fail-105")
 TRANSIENT_IMAGE_FAULTS = ("429", "500", "502", "503", "hang", "reset", "truncated")
@@ -143,6 +147,7 @@ class FakeFlickr:
         self.by_id = {p.id: p for p in self.photos}
         self.api_key, self.api_secret = api_key, api_secret
         self.cap, self.hang_s, self.image_delay_s, self.api_delay_s = cap, hang_s, image_delay_s, api_delay_s
+        self.drip_s = 0.05  # between two bytes of a slow-drip answer
         self.keep_bytes, self.pad_to = keep_bytes, pad_to
         self.image_faults: dict[str, str] = {}      # photo id -> fault, on every request
         # kind -> (probability, faults): each request of that kind (not otherwise faulted) draws one
@@ -483,6 +488,22 @@ class _Handler(BaseHTTPRequestHandler):
                        "text/html; charset=utf-8")
         elif fault == "404":
             self._send(404, b"Not Found", "text/plain")
+        elif fault == "gzip-bomb":  # Content-Encoding: gzip of a JPEG header and half a gigabyte of zeros
+            self._send(200, _gzip_bomb(), "image/jpeg", {"Content-Encoding": "gzip"})
+        elif fault == "trailing-junk":  # the photo, then megabytes that are not part of it
+            self._send(200, data + os.urandom(JUNK_BYTES), "image/jpeg")
+        elif fault == "slow-drip":  # a byte at a time, each well within any per-read timeout, for ever
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(self.owner.drip_s)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
         elif fault == "unavailable":  # Flickr redirects to a placeholder image
             self.send_response(302)
             self.send_header("Location", f"{fake.base_url}/images/photo_unavailable.png")
@@ -490,6 +511,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
         else:
             self._send(200, data, "image/jpeg")
+
+
+@functools.lru_cache(maxsize=1)
+def _gzip_bomb() -> bytes:
+    import zlib
+
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    block = b"\0" * (1 << 20)
+    return z.compress(b"\xff\xd8\xff\xe0") + b"".join(z.compress(block) for _ in range(GZIP_BOMB_BYTES >> 20)) + z.flush()
 
 
 def _placeholder_png() -> bytes:
