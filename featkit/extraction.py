@@ -40,7 +40,7 @@ from featkit.backbones import FeatureNet
 from featkit.decoding import resolve_decode
 from featkit.devices import resolve_device
 from featkit.engine import FeatureBatch, default_workers, feature_batches
-from featkit.errors import FeatkitError
+from featkit.errors import CacheDamaged, FeatkitError
 from featkit.images import UnreadableImage, check_image_file
 from featkit.manifest import Photo, path_text
 from featkit.options import ExtractOptions
@@ -422,8 +422,14 @@ def extract_features(
     summary = ExtractSummary(cache_path=str(cache_path), failed_csv=str(cache_path.with_name(FAILED_CSV)))
     t0 = time.perf_counter()
     prov = extraction_provenance(dev, spec, options, weights_source=weights_source)  # a bad `decode` fails here, before the cache is touched
+    existed = cache_path.exists() and not options.overwrite
     with FeatureStore.open_for_append(cache_path, cache_identity(spec, options.dtype), overwrite=options.overwrite, provenance=prov) as store:
-        splits, todo = plan(store, photos, options, summary=summary, shared=shared)
+        try:
+            splits, todo = plan(store, photos, options, summary=summary, shared=shared)
+        except FeatkitError:
+            if not existed and store.n_rows == 0:
+                store.discard()  # refused before anything was stored: no empty cache is left behind
+            raise
         bar = progress_bar(len(todo), options.progress)
         try:
             batches = feature_batches(
@@ -437,4 +443,8 @@ def extract_features(
             bar.close()
         summary.seconds = time.perf_counter() - t0
         summary.finish(store)
+        if existed and not options.repair and not summary.interrupted:
+            damage = store.verify()  # the rows it held before: a plain extract never reports success on a damaged cache
+            if not damage.ok and not damage.legacy:
+                raise CacheDamaged(f"{summary.n_extracted} photos were extracted and committed, but {damage.line()}")
     return summary

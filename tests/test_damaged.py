@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import FAST, LOGREG, fitted_cache
+from conftest import FAST, LOGREG, fitted_cache, make_photos
 from featkit.cli import app
 from featkit.cache.names import cache_file
 from featkit.cache.store import FeatureStore
@@ -268,3 +268,30 @@ def test_overwrite_waits_for_no_one_it_refuses_while_another_process_writes(buil
     finally:
         lock.release()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("damage", [overwrite_feature_bytes, bogus_split, nan_features], ids=lambda f: f.__name__)
+def test_a_plain_extract_on_a_damaged_cache_does_not_report_success(built, cache, damage):
+    """Row-level damage the extract did not cause: its new photos are kept, and it ends in one line saying
+    the cache is damaged and how to mend it (it used to report success)."""
+    path = cache_file(cache)
+    damage(path)
+    make_photos(built["photos"], cities=("London",), n=12, seed=3)
+    r = CliRunner().invoke(app, ["extract", str(built["photos"]), "--cache", str(cache), *FAST])
+    try:
+        _one_error_line(r, path, "damaged", "--repair")
+        if "extracted and committed" in r.stderr:  # found after the run (a bad split code is found before it)
+            with FeatureStore.open(path) as s:
+                assert "London" in s.cities()  # the run's work is kept
+        else:
+            assert damage is bogus_split, r.stderr
+    finally:
+        shutil.rmtree(built["photos"] / "London")
+
+
+def test_a_refused_extract_leaves_no_cache_file(tmp_path):
+    photos = make_photos(tmp_path / "photos", n=4)
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(app, ["extract", str(photos), "--cache", str(cache), *FAST, "--test-size", "10"])
+    assert r.exit_code == 2 and "leave none for training" in r.output, r.output
+    assert not cache_file(cache).exists()

@@ -125,6 +125,14 @@ class FeatureStore:
             lock.release()
             raise
 
+    def discard(self) -> None:
+        """Remove the file this handle created and close it (a run refused before it stored anything must not
+        leave an empty cache behind); still under the writer's lock until the file is gone."""
+        if self.f.id.valid:
+            self.f.close()
+        self.path.unlink(missing_ok=True)
+        self.close()
+
     def close(self) -> None:
         if self.f.id.valid:
             self.f.close()
