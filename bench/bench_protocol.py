@@ -122,7 +122,7 @@ def featkit_protocol(photos, net, spec, cache_dir: Path, args) -> dict:
     from featkit.cache.names import cache_file
     from featkit.training import fit_heads
 
-    options = ExtractOptions(device=args.device, batch_size=args.extract_batch_size, workers=args.workers, seed=args.seed,
+    options = ExtractOptions(device=args.device, batch_size=args.extract_batch_size, workers=args.workers, split_seed=args.seed,
                              test_size=args.test_size, val_size=args.val_size, overwrite=True, progress=False)
     t0 = time.perf_counter()
     s = extract_features(photos, net, spec, cache_file(cache_dir), options)

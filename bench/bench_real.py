@@ -155,7 +155,7 @@ def run_set(name: str, args) -> list[dict]:
         print(f"[{name}] {b['label']}: extracting {photos} -> {cache} (cached photos are skipped)", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         s = featkit.extract(photos, cache, backbone=b["arch"], pooling=b["pooling"], flip=b["flip"], image_size=b["image_size"], weights=weights, device=args.device,
-                            test_size=0.3, val_size=0.1, progress=False, seed=args.seed)
+                            test_size=0.3, val_size=0.1, progress=False, split_seed=args.seed)
         print(f"[{name}]   {s.line()} in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     print(f"[{name}] fitting heads ({args.heads}) on every backbone", file=sys.stderr, flush=True)
     featkit.fit(cache, args.heads, seed=args.seed, device=args.device, progress=False, log=lambda m: print(f"[{name}]   {m}", file=sys.stderr))

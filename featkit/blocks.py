@@ -8,7 +8,7 @@ A block source is any object with
   cover every row once; with a numpy ``Generator`` the blocks come in a shuffled
   order, with ``None`` in row order.
 
-:class:`ArrayBlocks` serves an in-memory array; :class:`featkit.cache.store.StoreBlocks`
+:class:`ArrayBlocks` serves an in-memory array; :class:`featkit.cache.streaming.StoreBlocks`
 serves one split of the HDF5 cache. Heads accept either through ``fit_blocks``.
 numpy only: no torch, no h5py.
 """

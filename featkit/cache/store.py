@@ -19,7 +19,6 @@ import h5py
 import numpy as np
 
 from featkit.atomic import atomic_write, fsync_file
-from featkit.blocks import shuffled_segments
 from featkit.cache import integrity
 from featkit.cache.format import (
     FAILED_FIELDS, FAILED_STORED, ROW_FIELDS, SPLIT_CODES, TEXT_FIELDS, Damaged, TextColumn, crc, create_file, encode,
@@ -28,6 +27,7 @@ from featkit.cache.format import (
 from featkit.cache.identity import check_identity
 from featkit.cache.integrity import Damage
 from featkit.cache.lock import Lock
+from featkit.cache.streaming import StoreBlocks
 from featkit.cache.names import CREATING_SUFFIX, beside, lock_file, sibling_files
 from featkit.errors import CacheDamaged, FeatkitError
 from featkit.escape import csv_cell
@@ -318,7 +318,7 @@ class FeatureStore:
         rows = self.split_rows(split)
         return self.read_features(rows, dtype=dtype), self.column("city")[rows], self.column("photo_id")[rows]
 
-    def blocks(self, split: str, block_rows: int = 4096) -> "StoreBlocks":
+    def blocks(self, split: str, block_rows: int = 4096) -> StoreBlocks:
         """One split as a block source (:mod:`featkit.blocks`), for heads that stream."""
         return StoreBlocks(self, split, block_rows)
 
@@ -477,28 +477,3 @@ def shared_splits(path: str | Path) -> tuple[dict[str, str], dict | None]:
             if store.n_rows > best[0]:
                 best = (store.n_rows, dict(zip(store.column("photo_id"), store.column("split"))), store.split_protocol)
     return best[1], best[2]
-
-
-class StoreBlocks:
-    """One split of the cache as a block source (see :mod:`featkit.blocks`).
-
-    Each pass reads the split once, in blocks gathered from short runs of rows
-    in a shuffled order (:func:`featkit.blocks.shuffled_segments`); only one
-    block (``block_rows`` x features, float32) is in memory at a time.
-    """
-
-    def __init__(self, store: FeatureStore, split: str, block_rows: int = 4096):
-        self.store, self.block_rows = store, block_rows
-        self.rows = store.split_rows(split)
-        self.y = store.column("city")[self.rows]
-        self.n_features = store.n_features
-
-    def labels(self) -> np.ndarray:
-        return self.y
-
-    def blocks(self, rng: np.random.Generator | None = None):
-        for runs in shuffled_segments(len(self.rows), self.block_rows, rng):
-            X = np.concatenate([self.store.read_features(self.rows[a:b]) for a, b in runs])
-            yield X, np.concatenate([self.y[a:b] for a, b in runs])
-
-
