@@ -79,13 +79,11 @@ def extract(
 def verify(cache_dir: str | Path = "cache", *, backbone: str | None = None, repair: bool = False) -> list:
     """Check every backbone's cache file through (each batch's checksum, finite features, split codes, unique
     photo ids); with ``repair``, drop the rows that fail so the next ``extract`` extracts them again. Returns one
-    ``(Damage, rows_dropped)`` per file; damage that only a rebuild mends raises :class:`~featkit.errors.FeatkitError`.
+    ``(Damage, rows_dropped)`` per file; damage that only a rebuild mends raises :class:`~featkit.errors.CacheDamaged`.
     ``backbone``: as extract takes it (``timm:NAME``) or its file key (``timm-NAME``)."""
-    from featkit.naming import select_backbones
-    from featkit.cache.names import cache_file
-    from featkit.cache.store import verify_cache
+    from featkit.cache import Cache
 
-    return [verify_cache(cache_file(cache_dir, k), repair=repair) for k in select_backbones(cache_dir, backbone)]
+    return [(damage, dropped) for _, damage, dropped in Cache(cache_dir).verify(backbone, repair=repair)]
 
 
 def _split_overrides(backbone: BackboneOptions, options: ExtractOptions, overrides: dict):

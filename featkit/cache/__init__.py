@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featkit.cache.names import FAILED_CSV, HASH_CACHE, backbone_keys, cache_file, heads_dir, resolve_backbones, shard_files
+from featkit.cache.names import FAILED_CSV, HASH_CACHE, backbone_keys, cache_file, heads_dir, shard_files
 
 
 class Cache:
@@ -49,8 +49,11 @@ class Cache:
         return backbone_keys(self.dir)
 
     def resolve(self, backbone: str | None = None) -> list[str]:
-        """``backbone`` checked against the folder, or every backbone it holds (one-line error when none)."""
-        return resolve_backbones(self.dir, backbone)
+        """The keys of ``backbone`` (spelt as extract takes it, or its file key) or of every backbone the folder
+        holds; a one-line error, in the user's spelling, when there is none or it is not there."""
+        from featkit.naming import select_backbones
+
+        return select_backbones(self.dir, backbone)
 
     def shards(self, key: str | None = None) -> list[Path]:
         return shard_files(self.features_path(key))
