@@ -29,6 +29,7 @@ from typing import NoReturn
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import exceptions as urllib3_exceptions
 from urllib3.exceptions import MaxRetryError
 from urllib3.util import Retry
 
@@ -130,6 +131,20 @@ class BodyTooLarge(requests.RequestException):
     """An answer whose body (decoded) passed the bound its session sets: refused, never read whole."""
 
 
+def _as_requests_error(e: BaseException) -> BaseException:
+    """urllib3's errors met while reading a body, as requests raises them when it reads one (``iter_content``):
+    what callers catch and retry."""
+    if isinstance(e, urllib3_exceptions.ProtocolError):
+        return requests.exceptions.ChunkedEncodingError(e)
+    if isinstance(e, urllib3_exceptions.DecodeError):
+        return requests.exceptions.ContentDecodingError(e)
+    if isinstance(e, urllib3_exceptions.ReadTimeoutError):
+        return requests.exceptions.ConnectionError(e)
+    if isinstance(e, urllib3_exceptions.SSLError):
+        return requests.exceptions.SSLError(e)
+    return e
+
+
 class BoundedAdapter(HTTPAdapter):
     """urllib3's transport with every answer's body read a socket read at a time, decoded (gzip included)
     as it comes: refused (:class:`BodyTooLarge`) past ``max_bytes`` and abandoned (``ReadTimeout``) when
@@ -151,9 +166,12 @@ class BoundedAdapter(HTTPAdapter):
                     raise BodyTooLarge(f"an answer larger than {self.max_bytes:,} bytes", response=response)
                 if time.monotonic() > stop:
                     raise requests.exceptions.ReadTimeout(f"an answer that took longer than {self.deadline_s:g} s", response=response)
-        except BaseException:
+        except BaseException as e:
             response.close()
-            raise
+            err = _as_requests_error(e)
+            if err is e:
+                raise
+            raise err from e
         response._content, response._content_consumed = bytes(body), True  # what requests does after a non-streamed read
         response.close()
         return response
