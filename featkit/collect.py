@@ -33,7 +33,7 @@ from featkit.cities import City, validate_city_name
 from featkit.duplicates import Dedup
 from featkit.errors import FeatkitError
 from featkit.cache.lock import Lock
-from featkit.cache.names import DOWNLOAD_LOCK, IMAGES_DIR
+from featkit.cache.names import DOWNLOAD_LOCK, IMAGES_DIR, STAGED_SUFFIX
 from featkit.fetcher import Candidate, Fetched, ImageFetcher, image_path, photo_row
 from featkit.flickr import ENDPOINT_ENV, FlickrClient, resolve_license, search_windows
 from featkit.images import decoded_size, dhash
@@ -265,7 +265,7 @@ class _Run:
             if city_dir.is_dir():
                 for p in city_dir.iterdir():
                     if p.is_file() and p.resolve() not in listed and (
-                            p.name.endswith(TMP_SUFFIX) or re.match(r"^[0-9]+\.jpg$", p.name)):
+                            p.name.endswith((TMP_SUFFIX, STAGED_SUFFIX)) or re.match(r"^[0-9]+\.jpg$", p.name)):
                         p.unlink(missing_ok=True)
         for c in self.cities:
             rows = self.journal.kept(c.name)
@@ -373,14 +373,12 @@ class _Run:
         finally:
             for fut in pending:
                 fut.cancel()
-            for fut in pending:  # leave no orphaned temporary file behind
+            for fut in pending:  # wait for the fetches under way: each leaves its image staged whole, or nothing
                 if not fut.cancelled():
                     try:
-                        res = fut.result()
+                        fut.result()  # a staged image is adopted by the next run (or removed by its end)
                     except Exception:  # noqa: BLE001
                         continue
-                    if res.tmp is not None and res.tmp.exists():
-                        res.tmp.unlink(missing_ok=True)
 
     def _settle(self, f: Fetched) -> None:
         """Main thread, in submission order: dedupe, rename, journal."""
@@ -407,6 +405,7 @@ class _Run:
             return
         if f.tmp:
             os.replace(f.tmp, final)
+        if f.tmp and not f.adopted:
             stats.downloaded += 1
         else:
             stats.reused += 1

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import requests
 
-from featkit.cache.names import IMAGES_DIR, image_file
+from featkit.atomic import fsync_file
+from featkit.cache.names import IMAGES_DIR, STAGED_SUFFIX, image_file
 from featkit.flickr import RETRY_STATUSES, BodyTooLarge, backoff_delay, gave_up, retrying_session, tries_made
 from featkit.images import decoded_size
 from featkit.journal import TMP_SUFFIX
@@ -37,7 +38,8 @@ class Fetched:
     data: bytes | None = None   # None: reused file already on disk
     error: str | None = None
     permanent: bool = True
-    tmp: Path | None = None
+    tmp: Path | None = None     # the staged file (``<final>.fetched``) that settling renames to the final name
+    adopted: bool = False       # staged by an earlier run (killed before it settled the image), not fetched now
 
 
 def photo_row(photo: dict, city: str, image_url: str) -> dict[str, str]:
@@ -125,6 +127,13 @@ class ImageFetcher:
         final = image_path(self.out_dir, cand.city, cand.photo_id)
         if final.is_file():  # renamed before a crash, never journaled: adopt it
             return Fetched(cand, data=None)
+        staged = final.with_name(final.name + STAGED_SUFFIX)
+        if staged.is_file():  # fetched whole by a run killed before it settled it: no second request
+            adopted = self._check(cand, staged.read_bytes(), staged)
+            if adopted.error is None:
+                adopted.adopted = True
+                return adopted
+            staged.unlink(missing_ok=True)
         failed = f"download failed after {self.max_retries + 1} tries"
         why = ""
         for attempt in range(self.max_retries + 1):
@@ -158,16 +167,21 @@ class ImageFetcher:
         ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype.startswith("text/"):
             return Fetched(cand, error=f"not an image ({ctype})")
-        data = jpeg_to_end(r.content)
+        return self._check(cand, jpeg_to_end(r.content), final.with_name(final.name + STAGED_SUFFIX))
+
+    def _check(self, cand: Candidate, data: bytes, staged: Path) -> Fetched:
+        """Accept ``data`` if it decodes and is large enough, staged whole at ``staged`` (written to a temporary
+        name, synced, renamed: a kill leaves the whole image or none of it)."""
         try:
             w, h = decoded_size(data)
         except ValueError:
             return Fetched(cand, error="not a decodable image")
         if min(w, h) < self.min_size:
             return Fetched(cand, error=f"smaller than --min-size {self.min_size}")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
-        tmp.write_bytes(data)
-        return Fetched(cand, data=data, tmp=tmp)
-
-
+        if not staged.is_file() or staged.read_bytes() != data:
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            tmp = staged.with_name(f"{staged.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
+            tmp.write_bytes(data)
+            fsync_file(tmp)
+            os.replace(tmp, staged)
+        return Fetched(cand, data=data, tmp=staged)

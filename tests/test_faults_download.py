@@ -286,12 +286,15 @@ def sigkill_chain(tmp_path: Path, target_kills: int, seed: int, ambiguous: int =
         download_photos(load_cities(",".join(CITIES)), reference, PER_CITY, api_key=KEY, api_secret=SECRET,
                         endpoint=fake.endpoint, min_interval_s=0, workers=2, progress=False)
         check_complete(reference, None, len(CITIES))
+        reference_requests = sum(fake.image_requests.values())
+        round_requests: list[int] = []
         chain = Chain(fake, tmp_path, rng)
         rounds = 0
         while sum(chain.kills.values()) < target_kills:
             rounds += 1
             cache = tmp_path / f"cache{rounds}"
             in_round = 0
+            before_round = sum(fake.image_requests.values())
             ever_kept: set[str] = set()
             # The first run is always killed; each rerun is killed again with probability 0.75.
             while sum(chain.kills.values()) < target_kills and (in_round == 0 or rng.random() < 0.75):
@@ -305,12 +308,17 @@ def sigkill_chain(tmp_path: Path, target_kills: int, seed: int, ambiguous: int =
             # (a search is not repeated for a city that is already full).
             check_complete(cache, reference if ambiguous_newest or not ambiguous else None, len(CITIES), ever_kept)
             assert leaks(cache) == []
+            round_requests.append(sum(fake.image_requests.values()) - before_round)
+            # images fetched whole before a kill are adopted, not fetched again: a killed round asks for little more
+            # than an uninterrupted run (the image being sent when a kill lands, and what was cut, are asked again)
+            assert round_requests[-1] <= reference_requests + 8 * (in_round + 1), (round_requests, reference_requests)
     outputs = [log.read_text() for log in chain.outputs]
     assert not [o for o in outputs if KEY in o or SECRET in o], "the key or secret was printed"
     assert leaks(tmp_path) == []
     print(f"\n{sum(chain.kills.values())} kills in {rounds} rounds, {chain.runs} runs; by moment: "
           + ", ".join(f"{m} {chain.kills[m]} ({chain.landed[m]} mid-write)" for m in MODES)
-          + "; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in chain.seconds.items()))
+          + "; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in chain.seconds.items())
+          + f"; image requests: {reference_requests} uninterrupted, per killed round {round_requests}")
     return chain
 
 

@@ -87,3 +87,21 @@ def test_a_short_key_is_redacted_as_a_token_and_garbles_nothing():
     out = redact(text, ["ab", "sekrit"])
     assert out == "Flickr refused key ***: invalid key (about abc, tab ***/***)", out
     assert redact("http://u:sekrit@host/x?api_key=ab", ["ab", "sekrit"]) == "http://***@host/x?api_key=***"
+
+
+def test_images_a_killed_run_fetched_whole_are_not_fetched_again(tmp_path):
+    """A run killed with fetched images not yet settled leaves them staged (``<id>.jpg.fetched``, written whole
+    or not at all): the next run adopts them without a request; a damaged one is fetched again."""
+    catalog = make_catalog(["Paris"], 6)
+    with FakeFlickr(catalog, api_key=KEY, api_secret=SECRET) as fake:
+        folder = tmp_path / "images" / "Paris"
+        folder.mkdir(parents=True)
+        good, bad = catalog[0], catalog[1]
+        (folder / f"{good.id}.jpg.fetched").write_bytes(fake.image_bytes(good))
+        (folder / f"{bad.id}.jpg.fetched").write_bytes(fake.image_bytes(bad)[:100])  # cut: not whole
+        summary = download_photos(load_cities("Paris"), tmp_path, 6, endpoint=fake.endpoint, **FAST)
+        requests = dict(fake.image_requests)
+    assert good.id not in requests and requests[bad.id] == 1
+    kept = {r["photo_id"] for r in manifest_rows(tmp_path)}
+    assert {good.id, bad.id} <= kept and summary.cities[0].reused == 1
+    assert not list(tmp_path.rglob("*.fetched")) and not list(tmp_path.rglob("*.tmp"))

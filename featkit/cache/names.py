@@ -14,6 +14,7 @@ spells one (``tests/test_architecture.py`` checks it).
     CACHE/heads/manifest.json              which head files featkit's fit wrote there, with their SHA-256
     CACHE/images/<city>/<photo_id>.jpg     photos `featkit download` fetched
     CACHE/manifest.csv, CACHE/skipped.csv  what download kept (and rejected for good, with a reason)
+    CACHE/images/<city>/<id>.jpg.fetched   an image downloaded whole but not yet kept (a kill leaves it: adopted next run)
     CACHE/.download-journal.jsonl          download's journal of fetches not yet in the manifest
     CACHE/.download.lock                   held by the one `featkit download` writing the folder
 """
@@ -41,6 +42,7 @@ HEAD_SUFFIX = ".joblib"
 LOCK_SUFFIX = ".lock"
 CREATING_SUFFIX = ".creating"
 REWRITING_SUFFIX = ".rewriting"
+STAGED_SUFFIX = ".fetched"  # images/<city>/<id>.jpg.fetched: a downloaded image, whole, not yet settled into the manifest
 
 DEFAULT_KEY = "vgg16"  # the study's features (VGG16 conv base, flatten, 224): CACHE/features.h5 and CACHE/heads/
 _KEYED = re.compile(r"^features-([A-Za-z0-9][A-Za-z0-9._-]*)\.h5$")
