@@ -88,9 +88,9 @@ def test_compare_killed_at_any_moment_leaves_one_runs_files(tmp_path):
     assert subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, timeout=300).returncode == 0
     full = time.monotonic() - t0
     killed = 0
-    for i in range(6):  # kills spread over the run, the last ones late (while files are written)
+    for i in range(4):  # kills spread over the run, the last ones late (while files are written)
         child = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(full * (0.55 + 0.08 * i))
+        time.sleep(full * (0.6 + 0.1 * i))
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             killed += 1
