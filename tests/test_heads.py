@@ -148,3 +148,26 @@ def test_shuffled_segments_cover_each_row_once():
 def test_unknown_head_lists_choices():
     with pytest.raises(FeatkitError, match="choose one of: " + ", ".join(HEAD_NAMES)):
         make_head("xgb")
+
+
+def test_an_mlp_pickled_before_heads_became_a_package_still_loads(monkeypatch):
+    """Heads saved by the earlier featkit name their torch network ``featkit.heads._MLP``; they still load."""
+    import io
+    import pickle
+
+    import featkit.heads.mlp as mlp
+
+    X, y = make_blobs(n_samples=60, centers=3, n_features=8, random_state=0)
+    labels = np.array(["Paris", "Tokyo", "Venice"])[y]
+    head = MLPHead(max_iter=3, hidden_layer_sizes=(8,), random_state=0).fit(X, labels)
+    monkeypatch.setattr(mlp._MLP, "__module__", "featkit.heads")  # pickled as the old module laid it out
+    data = pickle.dumps(head)
+    monkeypatch.undo()
+    import featkit.heads
+
+    with monkeypatch.context() as m:  # without the package's shim the old name does not resolve: the pickle uses it
+        m.delattr(featkit.heads, "__getattr__")
+        with pytest.raises(AttributeError):
+            pickle.load(io.BytesIO(data))
+    again = pickle.load(io.BytesIO(data))
+    assert np.allclose(again.predict_proba(X), head.predict_proba(X))
