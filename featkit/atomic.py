@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -107,8 +108,6 @@ def publish_files(folder: str | Path, files: dict[str, str | bytes], run_id: str
             entry.unlink()  # a figure of a head this run no longer has
     for old in runs.iterdir():
         if old.name != run_id:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(folder)
     return {name: folder / name for name in files}

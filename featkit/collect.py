@@ -33,8 +33,8 @@ from featkit.cities import City, validate_city_name
 from featkit.duplicates import Dedup
 from featkit.errors import FeatkitError
 from featkit.cache.lock import Lock
-from featkit.cache.names import DOWNLOAD_LOCK, IMAGES_DIR, STAGED_SUFFIX
-from featkit.fetcher import Candidate, Fetched, ImageFetcher, image_path, photo_row
+from featkit.cache.names import DOWNLOAD_LOCK, IMAGES_DIR, STAGED_SUFFIX, image_file
+from featkit.fetcher import Candidate, Fetched, ImageFetcher, photo_row
 from featkit.flickr import ENDPOINT_ENV, FlickrClient, resolve_license, search_windows
 from featkit.images import decoded_size, dhash
 from featkit.journal import PHOTO_ID, TMP_SUFFIX, Journal
@@ -388,7 +388,7 @@ class _Run:
             if f.permanent:
                 self._drop(cand.photo_id, cand.city, f.error)
             return
-        final = image_path(self.out_dir, cand.city, cand.photo_id)
+        final = image_file(self.out_dir, cand.city, cand.photo_id)
         data = f.data if f.data is not None else self._reused_bytes(cand, final)
         if data is None:
             return

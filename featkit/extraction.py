@@ -444,7 +444,8 @@ def extract_features(
         summary.seconds = time.perf_counter() - t0
         summary.finish(store)
         if existed and not options.repair and not summary.interrupted:
-            damage = store.verify()  # the rows it held before: a plain extract never reports success on a damaged cache
-            if not damage.ok and not damage.legacy:
-                raise CacheDamaged(f"{summary.n_extracted} photos were extracted and committed, but {damage.line()}")
+            try:  # the rows it held before: a plain extract never reports success on a damaged cache
+                store.check_intact()
+            except CacheDamaged as e:
+                raise CacheDamaged(f"{summary.n_extracted} photos were extracted and committed, but {e}") from None
     return summary

@@ -5,7 +5,6 @@ that decodes, at least ``min_size`` pixels on its shorter side."""
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -15,11 +14,10 @@ from pathlib import Path
 
 import requests
 
-from featkit.atomic import fsync_file
-from featkit.cache.names import IMAGES_DIR, STAGED_SUFFIX, image_file
+from featkit.atomic import atomic_write
+from featkit.cache.names import STAGED_SUFFIX, image_file
 from featkit.flickr import RETRY_STATUSES, BodyTooLarge, backoff_delay, gave_up, retrying_session, tries_made
 from featkit.images import decoded_size
-from featkit.journal import TMP_SUFFIX
 from featkit.options import FETCH
 
 DATE_TAKEN = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
@@ -52,7 +50,7 @@ def photo_row(photo: dict, city: str, image_url: str) -> dict[str, str]:
     return {
         "photo_id": str(photo["id"]),
         "city": city,
-        "path": f"{IMAGES_DIR}/{city}/{photo['id']}.jpg",
+        "path": image_file("", city, str(photo["id"])).as_posix(),
         "owner": clean_text(photo.get("owner")),
         "license": clean_text(photo.get("license")),
         "latitude": lat if has_geo else "",
@@ -67,9 +65,6 @@ def photo_row(photo: dict, city: str, image_url: str) -> dict[str, str]:
 def clean_text(value: object) -> str:
     return " ".join(str(value if value is not None else "").split())
 
-
-def image_path(out_dir: Path, city: str, pid: str) -> Path:
-    return image_file(out_dir, city, pid)
 
 
 def jpeg_to_end(data: bytes) -> bytes:
@@ -124,12 +119,12 @@ class ImageFetcher:
 
     def fetch(self, cand: Candidate) -> Fetched:
         """A temporary file with the checked bytes, the final file to reuse, or why not."""
-        final = image_path(self.out_dir, cand.city, cand.photo_id)
+        final = image_file(self.out_dir, cand.city, cand.photo_id)
         if final.is_file():  # renamed before a crash, never journaled: adopt it
             return Fetched(cand, data=None)
         staged = final.with_name(final.name + STAGED_SUFFIX)
         if staged.is_file():  # fetched whole by a run killed before it settled it: no second request
-            adopted = self._check(cand, staged.read_bytes(), staged)
+            adopted = self._check(cand, staged.read_bytes(), staged, write=False)
             if adopted.error is None:
                 adopted.adopted = True
                 return adopted
@@ -169,19 +164,15 @@ class ImageFetcher:
             return Fetched(cand, error=f"not an image ({ctype})")
         return self._check(cand, jpeg_to_end(r.content), final.with_name(final.name + STAGED_SUFFIX))
 
-    def _check(self, cand: Candidate, data: bytes, staged: Path) -> Fetched:
-        """Accept ``data`` if it decodes and is large enough, staged whole at ``staged`` (written to a temporary
-        name, synced, renamed: a kill leaves the whole image or none of it)."""
+    def _check(self, cand: Candidate, data: bytes, staged: Path, *, write: bool = True) -> Fetched:
+        """Accept ``data`` if it decodes and is large enough, staged whole at ``staged`` (with ``write``:
+        :func:`featkit.atomic.atomic_write`, so a kill leaves the whole image or none of it)."""
         try:
             w, h = decoded_size(data)
         except ValueError:
             return Fetched(cand, error="not a decodable image")
         if min(w, h) < self.min_size:
             return Fetched(cand, error=f"smaller than --min-size {self.min_size}")
-        if not staged.is_file() or staged.read_bytes() != data:
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            tmp = staged.with_name(f"{staged.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}")
-            tmp.write_bytes(data)
-            fsync_file(tmp)
-            os.replace(tmp, staged)
+        if write:
+            atomic_write(staged, data)
         return Fetched(cand, data=data, tmp=staged)

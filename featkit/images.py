@@ -123,8 +123,7 @@ def _open_within_limit(fp) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning when a filter makes it an error
         raise UnreadableImage(_too_many_pixels(e)) from None
     try:
-        check_pixels(im.size)
-        check_decode_memory(im)
+        check_bounds(im)
     except UnreadableImage:
         im.close()
         raise
@@ -155,6 +154,12 @@ def check_decode_memory(im: Image.Image) -> None:
         w, h = im.size
         raise UnreadableImage(f"too large to decode: {w} x {h} {im.mode} needs about {need / 2**30:.1f} GiB "
                               f"(more than {MAX_DECODE_BYTES / 2**30:.0f} GiB)")
+
+
+def check_bounds(im: Image.Image) -> None:
+    """Both bounds of an opened (not yet decoded) image: its pixel count and the memory its decoding needs."""
+    check_pixels(im.size)
+    check_decode_memory(im)
 
 
 def check_pixels(size: tuple[int, int]) -> None:
@@ -194,8 +199,7 @@ def image_tensor(im: Image.Image, size: int | tuple[int, int], interpolation: st
     errors pass through (the callers turn them into reasons).
     """
     resample = _resample(interpolation)
-    check_pixels(im.size)
-    check_decode_memory(im)
+    check_bounds(im)
     im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in _ALPHA:
@@ -253,8 +257,7 @@ def dhash(data: bytes | Image.Image, bits: int = 8) -> int:
     :data:`MAX_DECODE_BYTES`, before decoding."""
     try:
         img = _open_within_limit(io.BytesIO(data)) if isinstance(data, bytes) else data
-        check_pixels(img.size)
-        check_decode_memory(img)
+        check_bounds(img)
     except UnreadableImage as e:
         raise ValueError(str(e)) from None
     if img.format == "JPEG":

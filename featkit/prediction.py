@@ -94,14 +94,6 @@ def _check_batching(batch_size: int, workers: int | None) -> None:
 
 
 # -- which weights ---------------------------------------------------------------------------
-def _cache_provenance(cache_dir: str | Path, key: str | None = None) -> dict | None:
-    path = cache_file(cache_dir, key)
-    if not path.exists():
-        return None
-    with FeatureStore.open(path) as store:
-        return store.provenance
-
-
 def resolve_weights(cache_dir: str | Path, weights: str | None, seed: int | None, prov: dict | None, key: str | None = None) -> tuple[str | None, int]:
     """``load_backbone``'s ``weights`` and ``seed`` for a predictor.
 
@@ -214,8 +206,7 @@ class Predictor:
             raise FeatkitError(f"head file {self.head_path} does not record its backbone; refit it with `featkit fit`")
         self.dtype = identity["dtype"]
         self.cities = [str(c) for c in self.head.classes_]
-        self._check_same_cache()
-        prov = _cache_provenance(cache_dir, self.key)
+        prov = self._check_same_cache()
         load_weights, load_seed = resolve_weights(cache_dir, weights, seed, prov, self.key)
         self.net, self.spec = load_backbone(
             load_weights, arch=identity["arch"], pooling=identity["pooling"], image_size=identity["image_size"], seed=load_seed,
@@ -223,11 +214,12 @@ class Predictor:
         )
         self._check_backbone(identity, prov, given=weights is not None)
 
-    def _check_same_cache(self) -> None:
+    def _check_same_cache(self) -> dict:
         """Refuse a head that this cache's fit did not make: copied in (with its manifest) from another cache,
-        or from an earlier build of this one; it would answer with places this cache may not hold."""
+        or from an earlier build of this one; it would answer with places this cache may not hold. Returns the
+        cache's provenance (read in the same open)."""
         with FeatureStore.open(cache_file(self.cache_dir, self.key)) as store:
-            cache_id, cities = store.cache_id, store.cities()
+            cache_id, cities, prov = store.cache_id, store.cities(), store.provenance
         if self.record.get("cache_id") != cache_id:
             raise FeatkitError(
                 f"head file {self.head_path} was not fitted on this cache ({cache_file(self.cache_dir, self.key)}: "
@@ -238,6 +230,7 @@ class Predictor:
             raise FeatkitError(
                 f"head file {self.head_path} answers with places this cache does not hold ({', '.join(extra) or 'another set'}); "
                 "refit it with `featkit fit`", param="head")
+        return prov
 
     def _check_backbone(self, identity: dict, prov: dict | None, *, given: bool) -> None:
         """Refuse a backbone whose features are not the ones the head was trained on."""

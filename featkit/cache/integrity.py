@@ -118,9 +118,14 @@ def check_intact(store) -> None:
         raise CacheDamaged(d.line())
 
 
+def damaged(path: Path, problems: list[str], *, fatal: bool = True) -> CacheDamaged:
+    """The one-line error for a damaged file: what is wrong, and the fix (a rebuild when ``fatal``, else ``--repair``)."""
+    return CacheDamaged(Damage(path, problems, fatal=fatal).line())
+
+
 def fail_line(path: Path, problem: str) -> CacheDamaged:
     """The one line for a file that cannot be trusted at all: what is wrong, and rebuild it."""
-    return CacheDamaged(Damage(path, [problem], fatal=True).line())
+    return damaged(path, [problem])
 
 
 # -- the first layout ----------------------------------------------------------------------------

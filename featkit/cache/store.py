@@ -242,14 +242,14 @@ class FeatureStore:
             elif name == "split":
                 codes = self.f["split"][:n]
                 if len(codes) < n or invalid_codes(codes).any():
-                    raise CacheDamaged(Damage(self.path, ["the split column holds values other than train, val, test"]).line())
+                    raise integrity.damaged(self.path, ["the split column holds values other than train, val, test"], fatal=False)
                 col = np.array(SPLIT_CODES)[codes]
             else:
                 col = np.array(TextColumn(self.f["text"][name]).read(n), dtype=str)
         except Damaged as e:
             raise integrity.fail_line(self.path, str(e)) from None
         except (OSError, KeyError, ValueError, UnicodeDecodeError) as e:
-            raise CacheDamaged(Damage(self.path, [f"column {name} cannot be read ({first_line(e)})"], fatal=True).line()) from None
+            raise integrity.fail_line(self.path, f"column {name} cannot be read ({first_line(e)})") from None
         self._columns[name] = col
         return col
 
@@ -310,7 +310,7 @@ class FeatureStore:
                     block = ds[lo:hi]
                     out[start : start + len(sel)] = block[sel - lo]
         except OSError as e:
-            raise CacheDamaged(Damage(self.path, [f"features cannot be read ({first_line(e)})"], fatal=True).line()) from None
+            raise integrity.fail_line(self.path, f"features cannot be read ({first_line(e)})") from None
         return out
 
     def load_split(self, split: str, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -346,7 +346,7 @@ class FeatureStore:
         except (OSError, KeyError, ValueError, TypeError) as e:
             problems = [f"its structure cannot be read ({first_line(e)})"]
         if problems:
-            raise CacheDamaged(Damage(self.path, problems, fatal=True).line())
+            raise integrity.damaged(self.path, problems)
 
     def verify(self, *, block_rows: int = 4096) -> Damage:
         """Every committed row checked (:func:`featkit.cache.integrity.verify`)."""
